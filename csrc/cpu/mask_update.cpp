@@ -1,0 +1,24 @@
+// Fused NFT mask update on the CPU (see nft_fast/ops/mask_update.py for the semantics).
+#include <cstdint>
+#include <algorithm>
+
+#include "mask_update.h"
+
+namespace nft_fast {
+
+void mask_update_f32_cpu(float* m, const float* g, float* buf, const float* floor, int64_t n,
+                         float lr, float momentum, float reg_scale) {
+#pragma omp parallel for simd schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const float mi = m[i];
+    // d|1-m|/dm = sign(m - 1): 0 at m == 1, as torch's abs gradient.
+    const float s = (mi > 1.0f) ? 1.0f : ((mi < 1.0f) ? -1.0f : 0.0f);
+    const float gi = g[i] + reg_scale * s;
+    const float b = momentum * buf[i] + gi;
+    buf[i] = b;
+    const float upd = mi - lr * b;
+    m[i] = std::min(std::max(upd, floor[i]), 1.0f);
+  }
+}
+
+}  // namespace nft_fast

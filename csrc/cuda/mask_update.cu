@@ -1,0 +1,37 @@
+// Fused NFT mask update on the GPU: one thread per mask element, grid-stride loop.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "../mask_update.h"
+
+namespace nft_fast {
+
+__global__ void mask_update_f32_kernel(float* __restrict__ m, const float* __restrict__ g,
+                                       float* __restrict__ buf, const float* __restrict__ floor,
+                                       int64_t n, float lr, float momentum, float reg_scale) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float mi = m[i];
+    const float s = (mi > 1.0f) ? 1.0f : ((mi < 1.0f) ? -1.0f : 0.0f);
+    const float b = momentum * buf[i] + (g[i] + reg_scale * s);
+    buf[i] = b;
+    m[i] = fminf(fmaxf(mi - lr * b, floor[i]), 1.0f);
+  }
+}
+
+void mask_update_f32_cuda(float* m, const float* g, float* buf, const float* floor, int64_t n,
+                          float lr, float momentum, float reg_scale, std::uintptr_t stream) {
+  if (n == 0) return;
+  const int threads = 256;
+  const int64_t want = (n + threads - 1) / threads;
+  const int blocks = (int)(want < 4096 ? want : 4096);
+  mask_update_f32_kernel<<<blocks, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
+      m, g, buf, floor, n, lr, momentum, reg_scale);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) throw std::runtime_error(std::string("mask_update_f32_cuda: ") + cudaGetErrorString(err));
+}
+
+}  // namespace nft_fast

@@ -1,0 +1,17 @@
+"""BatchNorm bookkeeping shared by every masked BN (mirrors ``nn.modules.batchnorm._BatchNorm.forward``)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def bn_forward_args(bn) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], bool, float]:
+    """Count the batch and return ``(running_mean, running_var, use_batch_stats, momentum)``."""
+    eaf = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        eaf = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_stats = not bn.training or bn.track_running_stats
+    return (bn.running_mean if use_stats else None, bn.running_var if use_stats else None, bn_training, eaf)
