@@ -101,3 +101,19 @@ def build(arch: str, num_classes: int = 10, in_channels: int = 3, width: int = 6
 
 def default_exclude(arch: str) -> Tuple[str, ...]:
     return ARCHS[arch][1]
+
+
+def infer_kwargs(arch: str, state: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """Read ``num_classes``/``in_channels``/``width``/``image_size`` of ``arch`` off a state dict
+    (missing keys are left to the strict load, which names them)."""
+    out: Dict[str, int] = {}
+    if arch == "resnet18":
+        if "conv1.weight" in state and state["conv1.weight"].dim() == 4:
+            out["width"], out["in_channels"] = state["conv1.weight"].shape[:2]
+        if "linear.weight" in state:
+            out["num_classes"] = state["linear.weight"].shape[0]
+    elif arch == "mlp":
+        if "fc1.weight" in state and "fc2.weight" in state:
+            out["width"] = state["fc1.weight"].shape[0] // 4
+            out["num_classes"] = state["fc2.weight"].shape[0]
+    return {k: int(v) for k, v in out.items()}

@@ -52,7 +52,9 @@ class Purifier:
         self.device = masks[0].device
         for n, p in model.named_parameters():
             p.requires_grad_(n.rsplit(".", 1)[-1] == MASK_NAME)
-        if self.cfg.channels_last:
+        cl = self.cfg.channels_last
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules()) if cl is None else bool(cl)
+        if self.channels_last:
             model.to(memory_format=torch.channels_last)
         # One flat buffer holds every mask (the parameters become views of it), another
         # every gradient: autograd accumulates in place into the views, so the fused
@@ -111,7 +113,7 @@ class Purifier:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         perm = perm.to(self.device)
-        if self.cfg.channels_last and x.dim() == 4:
+        if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         x_mix = lam * x + (1 - lam) * x[perm]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
@@ -223,7 +225,7 @@ def purify(
                 losses += info["loss"]
                 steps += 1
                 bar.update(1)
-                bar.set_postfix(round=r + 1, loss=f"{info['loss']:.3f}")
+                bar.set_postfix(round=r + 1, loss=f"{info['loss']:.3f}", refresh=False)
             entry: Dict[str, Any] = {
                 "round": r + 1, "lr": purifier.lr, "steps": steps, "loss": losses / max(steps, 1),
                 "reg": purifier.regularizer(), "seconds": time.perf_counter() - t0,
@@ -265,4 +267,4 @@ def _progress(total: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc="NFT", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, desc="NFT", unit="step", dynamic_ncols=True, disable=None)  # None: off when not a TTY

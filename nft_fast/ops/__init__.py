@@ -14,6 +14,12 @@ import torch
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 _CHOICES = BACKENDS + ("auto",)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend was not built or cannot run on this machine."""
+
+
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
 _global_backend = "auto"
 _local = threading.local()
@@ -47,7 +53,7 @@ def _check(name: str) -> str:
     if name != "auto" and not backend_available(name):
         from .. import _build
 
-        raise RuntimeError(f"backend {name!r} is not available here: {_build.why_unavailable(name)}")
+        raise BackendUnavailable(f"backend {name!r} is not available here: {_build.why_unavailable(name)}")
     return name
 
 

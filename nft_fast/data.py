@@ -1,0 +1,143 @@
+"""Data: tensors from files (``.npz`` / ``.safetensors``), validation of a clean set, and
+a small built-in synthetic backdoor task for demos and tests (real datasets: see issue 3).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class DataError(ValueError):
+    """Data that cannot be used for purification (empty, non-finite, missing classes...)."""
+
+
+class ArrayDataset(Dataset):
+    """``(x, y)`` pairs from tensors; ``augment`` applies the reference training transforms
+    (random crop with 4-pixel zero padding, horizontal flip) drawn from torch's global RNG."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, augment: bool = False, pad: int = 4) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise DataError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        self.x, self.y, self.augment, self.pad = x, y, augment, pad
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i):
+        x = self.x[i]
+        if self.augment:
+            h, w = x.shape[-2:]
+            xp = F.pad(x, (self.pad,) * 4)
+            dy, dx = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = xp[..., dy:dy + h, dx:dx + w]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, self.y[i]
+
+
+def load_arrays(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Read ``x`` (N, C, H, W; uint8 is scaled to [0, 1]), ``y`` (N,) and optional ``y_target``
+    from ``.npz`` (no pickles) or ``.safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            arrs = {k: v for k, v in load_file(str(path)).items()}
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                arrs = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    except Exception as e:
+        raise DataError(f"cannot read data file {path}: {e.__class__.__name__}: {str(e)[:120]}") from None
+    if "x" not in arrs or "y" not in arrs:
+        raise DataError(f"data file {path} must hold arrays named 'x' and 'y' (found {sorted(arrs)})")
+    x, y = arrs["x"], arrs["y"]
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if y.dtype.is_floating_point or y.dim() != 1:
+        raise DataError(f"data file {path}: y must be a 1-D integer array of labels")
+    yt = arrs.get("y_target")
+    return x, y.long(), (yt.long() if yt is not None else None)
+
+
+def check_clean_set(x: torch.Tensor, y: torch.Tensor, num_classes: int, what: str = "clean set") -> None:
+    """Raise :class:`DataError` naming the problem: empty, non-finite, bad or missing labels."""
+    if x.shape[0] == 0:
+        raise DataError(f"the {what} is empty")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten()
+        raise DataError(f"the {what} has NaN/inf values in {bad.numel()} samples (e.g. index {bad[:5].tolist()})")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"the {what} has labels outside 0..{num_classes - 1} (min {int(y.min())}, max {int(y.max())})")
+    missing = sorted(set(range(num_classes)) - set(y.unique().tolist()))
+    if missing:
+        raise DataError(f"the {what} has no samples of {len(missing)} of the model's {num_classes} classes: {missing[:20]}")
+
+
+# --- built-in synthetic backdoor task -------------------------------------------------
+
+def badnets_patch(size: int = 3) -> torch.Tensor:
+    """The SPEC BadNets trigger: a ``size x size`` checkerboard (1 on even cells)."""
+    i = torch.arange(size)
+    return ((i[:, None] + i[None, :]) % 2 == 0).float()
+
+
+def apply_badnets(x: torch.Tensor, alpha: float = 0.6, size: int = 3) -> torch.Tensor:
+    """Blend the checkerboard into the bottom-right corner: ``(1-alpha) x + alpha * patch``."""
+    x = x.clone()
+    patch = badnets_patch(size).to(x)
+    region = x[..., -size:, -size:]
+    x[..., -size:, -size:] = (1 - alpha) * region + alpha * patch
+    return x
+
+
+def toy_images(n: int, num_classes: int = 10, size: int = 16, channels: int = 1, seed: int = 0,
+               noise: float = 0.15, prototype_seed: int = 1234) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic image task: each class is a smooth random prototype plus noise and a small shift.
+
+    Prototypes depend only on ``prototype_seed`` so that separately drawn splits share classes.
+    """
+    gp = torch.Generator().manual_seed(prototype_seed)
+    protos = F.interpolate(torch.rand(num_classes, channels, 4, 4, generator=gp), size=(size, size), mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    y = y[torch.randperm(n, generator=g)]
+    x = protos[y] + noise * torch.randn(n, channels, size, size, generator=g)
+    shifts = torch.randint(-1, 2, (n, 2), generator=g)
+    x = torch.stack([torch.roll(xi, tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)])
+    return x.clamp(0, 1), y
+
+
+def poison(x: torch.Tensor, y: torch.Tensor, rate: float, target: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All-to-one BadNets poisoning of ``rate`` of the non-target samples; returns ``(x, y, poisoned_mask)``."""
+    g = torch.Generator().manual_seed(seed)
+    cand = (y != target).nonzero().flatten()
+    pick = cand[torch.randperm(cand.numel(), generator=g)[: int(round(rate * cand.numel()))]]
+    x, y = x.clone(), y.clone()
+    x[pick] = apply_badnets(x[pick])
+    y[pick] = target
+    flags = torch.zeros(y.shape[0], dtype=torch.bool)
+    flags[pick] = True
+    return x, y, flags
+
+
+def toy_backdoor_splits(num_classes: int = 10, size: int = 16, n_train: int = 4000, n_clean: int = 100,
+                        n_test: int = 1000, rate: float = 0.1, target: int = 0, seed: int = 0) -> dict:
+    """Attacker's poisoned training split, a disjoint clean set, clean test and triggered test sets."""
+    xtr, ytr = toy_images(n_train, num_classes, size, seed=seed)
+    xtr, ytr, _ = poison(xtr, ytr, rate, target, seed)
+    xc, yc = toy_images(n_clean, num_classes, size, seed=seed + 1)
+    xte, yte = toy_images(n_test, num_classes, size, seed=seed + 2)
+    keep = yte != target
+    xp = apply_badnets(xte[keep])
+    return {"train": (xtr, ytr), "clean": (xc, yc), "test": (xte, yte),
+            "poison": (xp, yte[keep], torch.full_like(yte[keep], target))}
