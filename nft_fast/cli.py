@@ -77,10 +77,12 @@ def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _load_eval_set(path: str, what: str):
+def _load_eval_set(path: str, what: str, like: torch.Tensor):
     x, y, yt = load_arrays(path)
     if not torch.isfinite(x).all():
         raise DataError(f"the {what} ({path}) has NaN/inf values")
+    if x.shape[1:] != like.shape[1:]:
+        raise DataError(f"the {what} ({path}) has samples of shape {tuple(x.shape[1:])} (channels first), the clean set {tuple(like.shape[1:])}")
     return x, y, yt
 
 
@@ -93,6 +95,8 @@ def run_purify(args) -> dict:
     x, y, _ = load_arrays(args.data)
     kw = dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1])
     kw.update(models.infer_kwargs(args.arch, state))
+    if x.shape[1] != kw["in_channels"]:
+        raise DataError(f"the clean set has {x.shape[1]} channels but the checkpoint expects {kw['in_channels']}")
     model = models.build(args.arch, **kw)
     load_into(model, state, f"checkpoint {args.checkpoint} (--arch {args.arch})")
     check_clean_set(x, y, kw["num_classes"])
@@ -104,10 +108,10 @@ def run_purify(args) -> dict:
                          f"{' after --exclude ' + ' '.join(exclude) if exclude else ''}")
     test = poison = None
     if args.test_data:
-        xt, yt, _ = _load_eval_set(args.test_data, "test set")
+        xt, yt, _ = _load_eval_set(args.test_data, "test set", x)
         test = _loader(xt, yt)
     if args.poison_data:
-        xp, yp, ytp = _load_eval_set(args.poison_data, "poisoned test set")
+        xp, yp, ytp = _load_eval_set(args.poison_data, "poisoned test set", x)
         poison = _loader(xp, yp, ytp if ytp is not None else torch.full_like(yp, args.target))
     if args.backend != "auto":
         from .ops import set_backend

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Dict, Union
@@ -43,12 +44,15 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            # torch reports every weights-only failure this way; only a blocked GLOBAL (a class
+            # or function the pickle wants to import and call) means code execution.
+            if re.search(r"unsupported global|not an allowed global|GLOBAL\b", str(e), re.I):
                 raise CheckpointError(
                     f"refusing to load {path}: it holds pickled objects that would execute code when loaded "
                     "(only tensors and plain containers are accepted); re-save its state_dict, or convert it to .safetensors"
                 ) from None
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt pickle ({e})") from None
+            detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({detail[:120]})") from None
         except Exception as e:
             raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({e.__class__.__name__}: {str(e)[:120]})") from None
     if isinstance(obj, dict):

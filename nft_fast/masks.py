@@ -156,16 +156,18 @@ def _followed_by_norm_static(model: nn.Module) -> set:
 
 def _followed_by_norm_traced(model: nn.Module, example_input) -> set:
     """Names of conv/linear modules whose output tensor is fed straight into a norm (one traced forward)."""
-    produced: Dict[int, str] = {}
+    # id -> (name, tensor): holding the tensor keeps its id from being reused by a later one.
+    produced: Dict[int, tuple] = {}
     fed = set()
     handles = []
     for n, m in model.named_modules():
         if _neuron_eligible(m):
-            handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: produced.__setitem__(id(out), n)))
+            handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: produced.__setitem__(id(out), (n, out))))
         elif isinstance(m, _NORM_TYPES):
             def pre(mod, inp):
-                if inp and id(inp[0]) in produced:
-                    fed.add(produced[id(inp[0])])
+                hit = produced.get(id(inp[0])) if inp else None
+                if hit is not None and hit[1] is inp[0]:
+                    fed.add(hit[0])
             handles.append(m.register_forward_pre_hook(pre))
     was_training = model.training
     try:
@@ -217,6 +219,10 @@ def attach_masks(
     already hold a ``neuron_mask`` (e.g. reference ``Masked_BN2d``) are kept as they are.
     """
     exclude = tuple(exclude)
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"attach_masks: the model has uninitialised lazy parameters ({', '.join(lazy[:3])}); "
+                         "run one forward pass first")
     names = dict(model.named_modules())
     for p in exclude:
         if not any(c in p for c in "*?[") and p not in names:

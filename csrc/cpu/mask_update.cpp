@@ -1,6 +1,7 @@
 // Fused NFT mask update on the CPU (see nft_fast/ops/mask_update.py for the semantics).
 #include <cstdint>
 #include <algorithm>
+#include <cmath>
 
 #include "mask_update.h"
 
@@ -13,10 +14,12 @@ void mask_update_f32_cpu(float* m, const float* g, float* buf, const float* floo
     const float mi = m[i];
     // d|1-m|/dm = sign(m - 1): 0 at m == 1, as torch's abs gradient.
     const float s = (mi > 1.0f) ? 1.0f : ((mi < 1.0f) ? -1.0f : 0.0f);
-    const float gi = g[i] + reg_scale * s;
+    // Rounding as torch's SGD on the CPU: buf.mul_(momentum).add_(g) rounds twice,
+    // p.add_(buf, alpha=-lr) is one fused multiply-add.
+    const float gi = std::fma(reg_scale, s, g[i]);
     const float b = momentum * buf[i] + gi;
     buf[i] = b;
-    const float upd = mi - lr * b;
+    const float upd = std::fma(-lr, b, mi);
     m[i] = std::min(std::max(upd, floor[i]), 1.0f);
   }
 }

@@ -16,9 +16,9 @@ __global__ void mask_update_f32_kernel(float* __restrict__ m, const float* __res
        i += (int64_t)gridDim.x * blockDim.x) {
     const float mi = m[i];
     const float s = (mi > 1.0f) ? 1.0f : ((mi < 1.0f) ? -1.0f : 0.0f);
-    const float b = momentum * buf[i] + (g[i] + reg_scale * s);
+    const float b = __fadd_rn(__fmul_rn(momentum, buf[i]), fmaf(reg_scale, s, g[i]));
     buf[i] = b;
-    m[i] = fminf(fmaxf(mi - lr * b, floor[i]), 1.0f);
+    m[i] = fminf(fmaxf(fmaf(-lr, b, mi), floor[i]), 1.0f);
   }
 }
 

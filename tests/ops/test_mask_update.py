@@ -1,0 +1,103 @@
+"""The fused mask update, every backend against the torch oracle and a float64 model."""
+import math
+
+import pytest
+import torch
+
+import nft_fast
+from nft_fast import ops
+from nft_fast.ops.mask_update import mask_update_cpp, mask_update_torch
+
+BACKENDS = [b for b in ("cpp",) if ops.backend_available(b)]
+
+
+def inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(n, generator=g) * 1.3 - 0.1  # below floors, inside, above 1
+    m[::5] = 1.0  # exactly 1: regularizer gradient 0
+    grad = torch.randn(n, generator=g) * 0.1
+    grad[::11] = 0.0
+    buf = torch.randn(n, generator=g) * 0.05
+    floor = torch.rand(n, generator=g) * 0.5
+    return m, grad, buf, floor
+
+
+def float64_model(m, grad, buf, floor, lr, mom, reg):
+    m, grad, buf, floor = (t.double() for t in (m, grad, buf, floor))
+    g = grad + reg * torch.sign(m - 1)
+    b = mom * buf + g
+    return torch.minimum(torch.maximum(m - lr * b, floor), torch.ones_like(m)), b
+
+
+@pytest.mark.parametrize("n", [1, 7, 4736, 100_003])
+def test_torch_matches_float64(n):
+    m, grad, buf, floor = inputs(n)
+    want_m, want_b = float64_model(m, grad, buf, floor, 0.05, 0.95, 1e-3 / 50)
+    mask_update_torch(m, grad, buf, floor, 0.05, 0.95, 1e-3 / 50)
+    torch.testing.assert_close(m.double(), want_m, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(buf.double(), want_b, rtol=1e-6, atol=1e-7)
+    assert (m <= 1).all() and (m >= floor).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 7, 4736, 100_003])
+@pytest.mark.parametrize("lr,mom,reg", [(0.05, 0.95, 2e-5), (3.0, 0.0, 0.0), (0.0229, 0.5, 0.1)])
+def test_backend_bit_equal_to_torch(backend, n, lr, mom, reg):
+    a = inputs(n, seed=n)
+    b = [t.clone() for t in a]
+    mask_update_torch(*a, lr, mom, reg)
+    with nft_fast.use_backend(backend):
+        assert ops.resolved_backend("mask_update", torch.device("cpu")) == backend
+        ops.mask_update_(*b, lr, mom, reg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3]), "grad/floor must not be written"
+
+
+@pytest.mark.skipif(not ops.backend_available("cpp"), reason="C++ extension not built")
+def test_cpp_rejects_mismatched_buffers():
+    m, grad, buf, floor = inputs(10)
+    with pytest.raises(ValueError, match="buf must match"):
+        mask_update_cpp(m, grad, buf[:5], floor, 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        mask_update_cpp(m[::2], grad[::2], buf[::2], floor[::2], 0.1, 0.9, 0.0)
+
+
+@pytest.mark.skipif(not ops.backend_available("cpp"), reason="C++ extension not built")
+def test_cpp_float64_falls_back_to_torch():
+    a = [t.double() for t in inputs(33)]
+    b = [t.clone() for t in a]
+    mask_update_torch(*a, 0.1, 0.9, 0.01)
+    mask_update_cpp(*b, 0.1, 0.9, 0.01)
+    assert torch.equal(a[0], b[0])
+
+
+def test_dispatch_errors_and_override():
+    with pytest.raises(ValueError, match="unknown backend"):
+        nft_fast.set_backend("fortran")
+    if not torch.cuda.is_available():
+        with pytest.raises(ops.BackendUnavailable, match="cuda"):
+            nft_fast.set_backend("cuda")
+    nft_fast.set_backend("torch")
+    assert nft_fast.get_backend() == "torch"
+    with nft_fast.use_backend("auto"):
+        assert nft_fast.get_backend() == "auto"
+    assert nft_fast.get_backend() == "torch"
+    assert ops.resolved_backend("mask_update", torch.device("cpu")) == "torch"
+    assert ops.resolved_backend("masked_bn", torch.device("cpu")) == "torch"
+
+
+def test_floor_schedule_values():
+    cfg = nft_fast.NFTConfig()
+    want = {1: 0.485, 2: 0.294, 3: 0.179, 5: 0.066, 10: 0.0054, 19: 6e-5}
+    for l, v in want.items():
+        assert cfg.floor(l) == pytest.approx(v, rel=0.02)
+    lrs = [cfg.round_lr(r) for r in range(5)]
+    assert lrs == pytest.approx([0.05, 0.0471, 0.0396, 0.0304, 0.0229], abs=1e-4)
+    # Same values as torch's scheduler.
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sch = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5, eta_min=0.02)
+    for r in range(5):
+        assert lrs[r] == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sch.step()
+    assert math.isclose(cfg.steps_per_round, 200)
