@@ -39,7 +39,9 @@ def prepare(out: Path, epochs: int = 6, progress: bool = True) -> dict:
             arrs = dict(zip(("x", "y", "y_target"), s[k]))
             _save_npz(files[k], **arrs)
         t0 = time.perf_counter()
-        model = models.build(ARCH, num_classes=10, in_channels=1, width=WIDTH, image_size=16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # weight init: the demo is the same on every machine
+            model = models.build(ARCH, num_classes=10, in_channels=1, width=WIDTH, image_size=16)
         train_classifier(model, ArrayDataset(*s["train"]), epochs=epochs, progress=progress)
         save_state_dict(model.state_dict(), ckpt)
         print(f"trained the backdoored model in {time.perf_counter() - t0:.1f} s -> {ckpt}")
