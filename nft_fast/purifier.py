@@ -11,7 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -179,6 +179,9 @@ def purify(
     exclude: Sequence[str] = (),
     inplace: bool = False,
     evaluate_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
+    test_loader: Optional[Iterable] = None,
+    poison_loader: Optional[Iterable] = None,
+    target=None,
     progress: bool = True,
     num_workers: int = 0,
 ) -> PurifyResult:
@@ -188,9 +191,15 @@ def purify(
     The model is copied first unless ``inplace``; masks are attached (skipping ``exclude``)
     if it has none. ``evaluate_fn(model) -> {"acc": ..., "asr": ...}`` runs after each
     round (e.g. ``lambda m: evaluate(m, test_loader, poison_loader)``) and is recorded in
-    the history. ``result.model`` is the masked model; ``result.folded()`` the plain one.
+    the history; passing ``test_loader`` / ``poison_loader`` (and ``target``) instead records
+    :func:`nft_fast.evaluate`'s ACC/ASR/RA. ``result.model`` is the masked model;
+    ``result.folded()`` the plain one.
     """
     cfg = cfg or NFTConfig()
+    if evaluate_fn is None and (test_loader is not None or poison_loader is not None):
+        from .evaluation import evaluate
+
+        evaluate_fn = lambda m: evaluate(m, test_loader, poison_loader, target)  # noqa: E731
     n_data = len(clean_data.dataset if isinstance(clean_data, DataLoader) else clean_data)
     if n_data == 0:
         raise ValueError("the clean set is empty")

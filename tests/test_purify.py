@@ -42,6 +42,17 @@ def test_purify_dataset_history_and_input_untouched():
     fresh.load_state_dict(plain.state_dict())
 
 
+def test_purify_records_evaluation_per_round():
+    model, ds = small_setup()
+    loader = DataLoader(ds, batch_size=16)
+    poison = DataLoader(TensorDataset(ds.tensors[0], ds.tensors[1]), batch_size=16)
+    res = nft_fast.purify(model, ds, nft_fast.NFTConfig(steps=4, rounds=2, batch_size=8), progress=False,
+                          test_loader=loader, poison_loader=poison, target=0)
+    for h in res.history:
+        assert 0 <= h["acc"] <= 1 and 0 <= h["asr"] <= 1 and 0 <= h["ra"] <= 1 and h["n_clean"] == 40
+    assert res.history[-1]["acc"] == pytest.approx(nft_fast.evaluate(res.model, loader)["acc"])
+
+
 def test_purify_is_seeded_and_inplace_option():
     model, ds = small_setup()
     cfg = nft_fast.NFTConfig(steps=4, rounds=2, batch_size=8)
