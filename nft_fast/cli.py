@@ -1,25 +1,25 @@
-"""``nft-fast`` command line: purify a checkpoint, run the demo, show the build."""
+"""``nft-fast`` command line: train a backdoored model, purify it, evaluate, demo, grid."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import models
 from .config import NFTConfig
-from .data import ArrayDataset, DataError, check_clean_set, load_arrays
+from .data import ArrayDataset, DataError, check_clean_set, load_arrays, per_class
 from .evaluation import evaluate
-from .io import CheckpointError, load_into, load_state_dict, save_state_dict, write_json, write_text
-from .ops import BackendUnavailable
+from .io import CheckpointError, load_into, load_state_dict, save_state_dict
 from .masks import attach_masks, fold_masks, mask_sites
+from .ops import BackendUnavailable
 from .purifier import purify
+from .report import metrics_table, write_report
 
 OUTPUTS = ("purified.safetensors", "masks.safetensors", "report.json", "report.md")
 
@@ -59,22 +59,8 @@ def _check_out_dir(out: Path, inputs: List[Optional[str]]) -> None:
             raise UsageError(f"refusing to overwrite the input file {out / name}: choose another --out")
 
 
-def _loader(x, y, yt=None, batch_size: int = 256) -> DataLoader:
-    ts = (x, y) if yt is None else (x, y, yt)
-    return DataLoader(TensorDataset(*ts), batch_size=batch_size)
-
-
-def _fmt_pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
-
-
-def markdown_table(rows: Dict[str, Dict[str, float]]) -> str:
-    lines = ["| model | ACC % | ASR % | RA % | seconds |", "|---|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        secs = r.get("seconds")
-        lines.append(f"| {name} | {_fmt_pct(r.get('acc'))} | {_fmt_pct(r.get('asr'))} | {_fmt_pct(r.get('ra'))} | "
-                     f"{'-' if secs is None else f'{secs:.1f}'} |")
-    return "\n".join(lines)
+def _loader(*tensors, batch_size: int = 512) -> DataLoader:
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
 
 
 def _load_eval_set(path: str, what: str, like: torch.Tensor):
@@ -82,13 +68,16 @@ def _load_eval_set(path: str, what: str, like: torch.Tensor):
     if not torch.isfinite(x).all():
         raise DataError(f"the {what} ({path}) has NaN/inf values")
     if x.shape[1:] != like.shape[1:]:
-        raise DataError(f"the {what} ({path}) has samples of shape {tuple(x.shape[1:])} (channels first), the clean set {tuple(like.shape[1:])}")
+        raise DataError(f"the {what} ({path}) has samples of shape {tuple(x.shape[1:])} (channels first), "
+                        f"the clean set {tuple(like.shape[1:])}")
     return x, y, yt
 
 
-def run_purify(args) -> dict:
-    out = Path(args.out)
-    _check_out_dir(out, [args.checkpoint, args.data, args.test_data, args.poison_data])
+def _inputs_from_files(args):
+    """Model, clean set and evaluation loaders from --checkpoint/--arch/--data (+ --test-data, --poison-data)."""
+    missing = [f"--{n}" for n in ("checkpoint", "arch", "data") if not getattr(args, n)]
+    if missing:
+        raise UsageError(f"give --run DIR, or all of --checkpoint, --arch and --data (missing {', '.join(missing)})")
     if args.arch not in models.ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
     state = load_state_dict(args.checkpoint)
@@ -99,13 +88,6 @@ def run_purify(args) -> dict:
         raise DataError(f"the clean set has {x.shape[1]} channels but the checkpoint expects {kw['in_channels']}")
     model = models.build(args.arch, **kw)
     load_into(model, state, f"checkpoint {args.checkpoint} (--arch {args.arch})")
-    check_clean_set(x, y, kw["num_classes"])
-    exclude = tuple(args.exclude) if args.exclude is not None else models.default_exclude(args.arch)
-    attach_masks(model, exclude=exclude, neurons=args.neurons)
-    sites = mask_sites(model)
-    if not sites:
-        raise UsageError(f"the model has nothing to mask: no affine norm layers{'' if args.neurons else ' (try --neurons to mask Linear/Conv outputs)'}"
-                         f"{' after --exclude ' + ' '.join(exclude) if exclude else ''}")
     test = poison = None
     if args.test_data:
         xt, yt, _ = _load_eval_set(args.test_data, "test set", x)
@@ -113,45 +95,119 @@ def run_purify(args) -> dict:
     if args.poison_data:
         xp, yp, ytp = _load_eval_set(args.poison_data, "poisoned test set", x)
         poison = _loader(xp, yp, ytp if ytp is not None else torch.full_like(yp, args.target))
+    return model, args.arch, kw, x, y, test, poison
+
+
+def _inputs_from_run(args):
+    from .experiment import load_run, poison_loader
+
+    run = load_run(args.run, args.data_dir, checkpoint=args.checkpoint)
+    x, y = run.data.clean
+    kw = dict(num_classes=run.data.num_classes, width=run.spec.width)
+    return run.model, run.spec.arch, kw, x, y, run.data.test_loader(), poison_loader(run.attack, run.data)
+
+
+def run_purify(args, title: str = "NFT purification") -> dict:
+    out = Path(args.out)
+    _check_out_dir(out, [args.checkpoint, args.data, args.test_data, args.poison_data,
+                         str(Path(args.run) / "model.safetensors") if args.run else None])
+    model, arch, kw, x, y, test, poison = (_inputs_from_run if args.run else _inputs_from_files)(args)
+    check_clean_set(x, y, kw["num_classes"])
+    if args.per_class is not None:
+        idx = per_class(y, args.per_class, args.seed)
+        x, y = x[idx], y[idx]
+    exclude = tuple(args.exclude) if args.exclude is not None else models.default_exclude(arch)
+    attach_masks(model, exclude=exclude, neurons=args.neurons)
+    sites = mask_sites(model)
+    if not sites:
+        raise UsageError(f"the model has nothing to mask: no affine norm layers{'' if args.neurons else ' (try --neurons to mask Linear/Conv outputs)'}"
+                         f"{' after --exclude ' + ' '.join(exclude) if exclude else ''}")
     if args.backend != "auto":
         from .ops import set_backend
 
         set_backend(args.backend)
     cfg = _cfg_from(args)
-    evaluate_fn = (lambda m: evaluate(m, test, poison)) if (test or poison) else None
-    before = evaluate(model, test, poison) if evaluate_fn else {}
+    before = evaluate(model, test, poison) if (test or poison) else {}
     result = purify(model, ArrayDataset(x, y, augment=args.augment), cfg, num_classes=kw["num_classes"], inplace=True,
-                    evaluate_fn=evaluate_fn, progress=not args.no_progress)
+                    test_loader=test, poison_loader=poison, progress=not args.no_progress)
     plain = fold_masks(result.model)
-    after = evaluate(plain, test, poison) if evaluate_fn else {}
+    after = evaluate(plain, test, poison) if (test or poison) else {}
     save_state_dict(plain.state_dict(), out / "purified.safetensors")
     save_state_dict({s.name + ".neuron_mask": s.mask.detach() for s in sites}, out / "masks.safetensors")
     report = {
-        "checkpoint": str(args.checkpoint), "arch": args.arch, "arch_kwargs": kw, "exclude": list(exclude),
-        "clean_samples": int(x.shape[0]), "samples_per_class": result.samples_per_class, "config": cfg.to_dict(),
+        "checkpoint": str(args.checkpoint or Path(args.run) / "model.safetensors"), "run": args.run, "arch": arch,
+        "arch_kwargs": kw, "exclude": list(exclude), "clean_samples": int(x.shape[0]),
+        "samples_per_class": result.samples_per_class, "config": cfg.to_dict(),
         "mask_layers": len(sites), "mask_entries": sum(s.numel for s in sites),
         "before": before, "after": dict(after, seconds=result.seconds), "history": result.history,
         "outputs": {"model": str(out / "purified.safetensors"), "masks": str(out / "masks.safetensors")},
     }
-    write_json(out / "report.json", report)
-    rows = {"backdoored": before, "NFT purified": report["after"]}
-    write_text(out / "report.md", f"# NFT purification of {args.checkpoint}\n\n{markdown_table(rows)}\n")
+    masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
+    write_report(out, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
     return report
 
 
 def cmd_purify(args) -> int:
     report = run_purify(args)
-    if report["before"] or report["after"].get("acc") is not None:
-        print(markdown_table({"backdoored": report["before"], "NFT purified": report["after"]}))
+    if report["before"]:
+        print(metrics_table({"backdoored": report["before"], "NFT purified": report["after"]}))
     print(f"purified model: {report['outputs']['model']}  ({report['mask_layers']} masked layers, "
-          f"{report['after']['seconds']:.1f} s)")
+          f"{report['after']['seconds']:.1f} s); report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _spec_from(args):
+    from .experiment import BackdoorSpec
+
+    params = {"target": args.target, "all2all": args.all2all}
+    return BackdoorSpec(attack=args.attack, attack_params=params, arch=args.arch, width=args.width, dataset=args.dataset,
+                        rate=args.rate, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        clean_fraction=args.clean_fraction, train_subset=args.train_subset)
+
+
+def cmd_train_backdoor(args) -> int:
+    from .experiment import train
+
+    if args.arch not in models.ARCHS:
+        raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
+    out = Path(args.out)
+    _check_out_dir(out, [])
+    run = train(_spec_from(args), out, args.data_dir, progress=not args.no_progress)
+    m = run["metrics"]
+    print(metrics_table({f"backdoored ({args.attack})": dict(m, seconds=run["train_seconds"])}))
+    print(f"run folder: {out} (model.safetensors, run.json)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .experiment import load_run, poison_loader
+
+    if args.run:
+        run = load_run(args.run, args.data_dir, checkpoint=args.checkpoint)
+        m = evaluate(run.model, run.data.test_loader(), poison_loader(run.attack, run.data))
+    else:
+        if not (args.checkpoint and args.arch and args.test_data):
+            raise UsageError("give --run DIR [--checkpoint CKPT], or --checkpoint, --arch and --test-data [--poison-data]")
+        args.data = args.test_data
+        model, _, _, _, _, test, poison = _inputs_from_files(args)
+        m = evaluate(model, test, poison)
+    print(metrics_table({str(args.checkpoint or Path(args.run) / "model.safetensors"): m}))
+    if args.json:
+        print(json.dumps(m))
     return 0
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, epochs=args.epochs, progress=not args.no_progress)
+    run_demo(Path(args.out), progress=not args.no_progress, data_dir=args.data_dir)
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from .grid import run_grid
+
+    run_grid(args)
     return 0
 
 
@@ -163,36 +219,94 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_data_dir(p) -> None:
+    p.add_argument("--data-dir", default=None, help="folder of the dataset files (default: $NFT_FAST_DATA_DIR or "
+                                                    "/usr/share/datasets/fashion-mnist)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nft-fast", description="Purify backdoored networks with Neural mask Fine-Tuning (NFT).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("purify", help="purify a checkpoint with a small clean set",
                        description="Learn NFT masks on a clean set, fold them into the weights and write the purified model "
-                                   "(purified.safetensors), the masks and a JSON/markdown report into --out. "
+                                   "(purified.safetensors), the masks and a report (JSON, markdown, plots) into --out. "
                                    "Checkpoints are loaded without executing code.")
-    p.add_argument("--checkpoint", required=True, help="state dict: .safetensors, or a torch file (loaded weights_only)")
-    p.add_argument("--arch", required=True, help=f"architecture: {', '.join(sorted(models.ARCHS))}")
-    p.add_argument("--data", required=True, help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,)")
+    p.add_argument("--run", help="a `train-backdoor` run folder: model, clean set and test sets come from it")
+    p.add_argument("--checkpoint", help="state dict: .safetensors, or a torch file (loaded weights_only); "
+                                        "with --run, evaluated/purified instead of the run's own model")
+    p.add_argument("--arch", help=f"architecture: {', '.join(sorted(models.ARCHS))}")
+    p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,)")
     p.add_argument("--out", required=True, help="output directory (created; inputs are never overwritten)")
     p.add_argument("--test-data", help="clean test set (.npz/.safetensors with x, y) for ACC")
     p.add_argument("--poison-data", help="triggered test set (x, y true labels, optional y_target) for ASR/RA")
     p.add_argument("--target", type=int, default=0, help="attack target class when --poison-data has no y_target")
-    p.add_argument("--exclude", nargs="*", default=None, help="module names left unmasked (default: the arch's stem BN)")
+    p.add_argument("--per-class", type=int, default=None, help="use only k clean samples per class (1: one-shot)")
+    p.add_argument("--exclude", nargs="*", default=None, help="module names left unmasked (default: the arch's stem norm)")
     p.add_argument("--neurons", action="store_true", help="also mask Linear/Conv outputs not followed by a norm")
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) + flip on the clean set, as the reference")
     p.add_argument("--no-progress", action="store_true")
+    _add_data_dir(p)
     _add_cfg_args(p)
     p.set_defaults(func=cmd_purify)
 
-    d = sub.add_parser("demo", help="end-to-end demo: backdoor a small built-in model, purify it, report",
-                       description="Train (or reuse) a BadNets-backdoored ResNet-18 on a built-in synthetic task, "
-                                   "purify it with NFT and print ACC/ASR/RA before and after.")
+    t = sub.add_parser("train-backdoor", help="train a backdoored model on Fashion-MNIST (CPU-sized)",
+                       description="Poison the attacker's split (the defender's clean set is held out, disjoint) and train; "
+                                   "writes model.safetensors and run.json (attack, splits, metrics) into --out.")
+    t.add_argument("--attack", default="badnets", help="badnets, blend, sig, trojan, wanet, inputaware")
+    t.add_argument("--arch", default="preactresnet18")
+    t.add_argument("--width", type=int, default=8, help="first-stage channels (64 = the standard network)")
+    t.add_argument("--dataset", default="fashion-mnist")
+    t.add_argument("--rate", type=float, default=0.1, help="poison rate")
+    t.add_argument("--target", type=int, default=0)
+    t.add_argument("--all2all", action="store_true")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--clean-fraction", type=float, default=0.01, help="held out as the defender's clean set")
+    t.add_argument("--train-subset", type=int, default=None, help="train on this many attacker samples (CPU time)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--no-progress", action="store_true")
+    _add_data_dir(t)
+    t.set_defaults(func=cmd_train_backdoor)
+
+    e = sub.add_parser("evaluate", help="ACC / ASR / RA of a checkpoint",
+                       description="Evaluate a run's model (or --checkpoint against a run's test sets), or a checkpoint "
+                                   "against .npz test sets.")
+    e.add_argument("--run")
+    e.add_argument("--checkpoint")
+    e.add_argument("--arch")
+    e.add_argument("--test-data")
+    e.add_argument("--poison-data")
+    e.add_argument("--target", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    _add_data_dir(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="end-to-end demo: BadNets on Fashion-MNIST, purified with 1%% clean data",
+                       description="Train (or reuse a cached) BadNets PreActResNet-18 on Fashion-MNIST, purify it with NFT "
+                                   "on 1%% clean data and print ACC/ASR/RA before and after; writes a report folder.")
     d.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
-    d.add_argument("--steps", type=int, default=NFTConfig().steps)
-    d.add_argument("--epochs", type=int, default=6, help="epochs of backdoor training")
     d.add_argument("--no-progress", action="store_true")
+    _add_data_dir(d)
     d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("grid", help="attacks x defenses table on Fashion-MNIST (one-shot and 1%% clean data)",
+                       description="Train (or reuse) one backdoored model per attack, run every defense in one-shot and "
+                                   "1%% settings, and write per-attack ACC/ASR/RA with average drops as in the paper's Table 1.")
+    g.add_argument("--attacks", default="badnets,blend,trojan,sig,wanet,inputaware")
+    g.add_argument("--defenses", default="none,ft,ft_mixup,anp,nft")
+    g.add_argument("--settings", default="1pct,oneshot")
+    g.add_argument("--arch", default="preactresnet18")
+    g.add_argument("--width", type=int, default=8)
+    g.add_argument("--epochs", type=int, default=5)
+    g.add_argument("--train-subset", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="docs/grid")
+    g.add_argument("--no-progress", action="store_true")
+    _add_data_dir(g)
+    g.set_defaults(func=cmd_grid)
 
     i = sub.add_parser("info", help="what was built (C++/CUDA extension, Triton) and which backends serve which op",
                        description="Print build_info() and the op/backend table as JSON.")

@@ -1,9 +1,12 @@
-"""Data: tensors from files (``.npz`` / ``.safetensors``), validation of a clean set, and
-a small built-in synthetic backdoor task for demos and tests (real datasets: see issue 3).
+"""Data: Fashion-MNIST (Debian's ``dataset-fashion-mnist``), clean/attacker splits, tensors
+from files (``.npz`` / ``.safetensors``) or an image folder, validation of a clean set, and a
+small synthetic task for fast tests.
 """
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -83,7 +86,110 @@ def check_clean_set(x: torch.Tensor, y: torch.Tensor, num_classes: int, what: st
         raise DataError(f"the {what} has no samples of {len(missing)} of the model's {num_classes} classes: {missing[:20]}")
 
 
-# --- built-in synthetic backdoor task -------------------------------------------------
+# --- Fashion-MNIST ---------------------------------------------------------------------
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def data_dir(override: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """``override``, else ``$NFT_FAST_DATA_DIR``, else Debian's Fashion-MNIST folder."""
+    return Path(override or os.environ.get("NFT_FAST_DATA_DIR") or FASHION_MNIST_DIR)
+
+
+def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: {data.size} values for shape {dims}")
+    return data.reshape(dims)
+
+
+def fashion_mnist(split: str = "train", root: Optional[Union[str, os.PathLike]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST ``split`` ("train": 60k, "test": 10k) as (N, 1, 28, 28) floats in [0, 1] and labels."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    d = data_dir(root)
+    paths = [d / f for f in FASHION_MNIST_FILES[split]]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST not found in {d} (missing {', '.join(missing)}): install it with "
+                        "`apt-get install dataset-fashion-mnist`, or point --data-dir / NFT_FAST_DATA_DIR at a folder "
+                        "holding the four IDX .gz files")
+    x, y = read_idx(paths[0]), read_idx(paths[1])
+    return torch.from_numpy(x.copy()).unsqueeze(1).float().div_(255), torch.from_numpy(y.astype(np.int64))
+
+
+def holdout_split(y: torch.Tensor, fraction: float = 0.01, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices ``(attacker, clean)``: a class-stratified ``fraction`` of the training split is
+    held out as the defender's clean set; the attacker trains on the rest (disjoint)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"clean fraction must be in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    clean = []
+    for c in y.unique().tolist():
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        clean.append(idx[: max(1, int(round(fraction * idx.numel())))])
+    clean_idx = torch.cat(clean).sort().values
+    keep = torch.ones(y.shape[0], dtype=torch.bool)
+    keep[clean_idx] = False
+    return keep.nonzero().flatten(), clean_idx
+
+
+def per_class(y: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``k`` samples of every class (``k=1``: one-shot)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for c in y.unique().tolist():
+        idx = (y == c).nonzero().flatten()
+        if idx.numel() < k:
+            raise DataError(f"class {c} has only {idx.numel()} samples, fewer than the {k} asked for")
+        out.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
+    return torch.cat(out).sort().values
+
+
+def image_folder(root: Union[str, os.PathLike], size: Optional[int] = None, grey: bool = False) -> Tuple[torch.Tensor, torch.Tensor, list]:
+    """An ImageFolder-style tree (``root/<class>/<image>``) as tensors in [0, 1], labels and class names."""
+    from PIL import Image
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DataError(f"{root} is not an image folder: expected one sub-folder of images per class")
+    xs, ys = [], []
+    for c, name in enumerate(classes):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
+                continue
+            img = Image.open(f).convert("L" if grey else "RGB")
+            if size is not None:
+                img = img.resize((size, size))
+            arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255)
+            xs.append(arr.unsqueeze(0) if grey else arr.permute(2, 0, 1))
+            ys.append(c)
+    if not xs:
+        raise DataError(f"no images found under {root}")
+    try:
+        x = torch.stack(xs)
+    except RuntimeError:
+        raise DataError(f"images under {root} differ in size: pass a size to resize them") from None
+    return x, torch.tensor(ys), classes
+
+
+# --- synthetic task (fast tests) -------------------------------------------------------
 
 def badnets_patch(size: int = 3) -> torch.Tensor:
     """The SPEC BadNets trigger: a ``size x size`` checkerboard (1 on even cells)."""

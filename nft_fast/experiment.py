@@ -1,0 +1,185 @@
+"""Backdoor experiments: train a backdoored model on a real dataset, keep everything needed
+to rebuild its data (the attacker's split, the defender's disjoint clean set, the clean and
+triggered test sets), and load it back for purification and evaluation.
+
+A run folder holds ``model.safetensors``, ``run.json`` (this spec + measured metrics) and,
+for attacks with learned triggers, ``attack.safetensors``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from . import data as D
+from . import models
+from .evaluation import evaluate
+from .io import load_into, load_state_dict, save_state_dict, write_json
+
+DATASETS = ("fashion-mnist",)
+
+
+@dataclass
+class BackdoorSpec:
+    """Everything that determines a backdoored model and its data."""
+
+    attack: str = "badnets"
+    attack_params: Dict[str, Any] = field(default_factory=dict)  # target, all2all, seed, ...
+    arch: str = "preactresnet18"
+    width: int = 8
+    dataset: str = "fashion-mnist"
+    rate: float = 0.1
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.05
+    seed: int = 0
+    clean_fraction: float = 0.01
+    train_subset: Optional[int] = None  # attacker trains on this many samples of its split (CPU time)
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return f"{self.dataset}_{self.arch}_w{self.width}_{self.attack}_{hashlib.sha256(blob).hexdigest()[:10]}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackdoorSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def load_dataset(name: str, root=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(x_train, y_train, x_test, y_test, num_classes)``."""
+    if name == "fashion-mnist":
+        xtr, ytr = D.fashion_mnist("train", root)
+        xte, yte = D.fashion_mnist("test", root)
+        return xtr, ytr, xte, yte, 10
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def build_attack(spec: BackdoorSpec, num_classes: int, state: Optional[dict] = None):
+    from . import attacks
+
+    params = dict(spec.attack_params)
+    params.setdefault("seed", spec.seed)
+    attack = attacks.build_attack(spec.attack, num_classes=num_classes, **params)
+    if state:
+        attack.load_state_dict(state)
+    return attack
+
+
+@dataclass
+class RunData:
+    """Tensors of one experiment. ``clean`` is the defender's held-out set (disjoint from ``train``)."""
+
+    train: Tuple[torch.Tensor, torch.Tensor]
+    clean: Tuple[torch.Tensor, torch.Tensor]
+    test: Tuple[torch.Tensor, torch.Tensor]
+    num_classes: int
+
+    def clean_set(self, per_class: Optional[int] = None, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The whole held-out clean set, or ``per_class`` samples of each class from it."""
+        x, y = self.clean
+        if per_class is None:
+            return x, y
+        idx = D.per_class(y, per_class, seed)
+        return x[idx], y[idx]
+
+    def test_loader(self, batch_size: int = 512) -> DataLoader:
+        return DataLoader(TensorDataset(*self.test), batch_size=batch_size)
+
+
+def prepare(spec: BackdoorSpec, root=None) -> RunData:
+    xtr, ytr, xte, yte, nc = load_dataset(spec.dataset, root)
+    attacker, clean = D.holdout_split(ytr, spec.clean_fraction, seed=spec.seed)
+    if spec.train_subset is not None:
+        attacker = attacker[torch.randperm(attacker.numel(), generator=torch.Generator().manual_seed(spec.seed))[: spec.train_subset]]
+    return RunData((xtr[attacker], ytr[attacker]), (xtr[clean], ytr[clean]), (xte, yte), nc)
+
+
+def poison_loader(attack, data: RunData, batch_size: int = 512) -> DataLoader:
+    xp, yp, ytp = attack.poison_test(*data.test)
+    return DataLoader(TensorDataset(xp, yp, ytp), batch_size=batch_size)
+
+
+def build_model(spec: BackdoorSpec, data: RunData) -> nn.Module:
+    x = data.test[0]
+    return models.build(spec.arch, num_classes=data.num_classes, in_channels=x.shape[1], width=spec.width,
+                        image_size=x.shape[-1])
+
+
+def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True) -> dict:
+    """Train the backdoored model of ``spec`` into the run folder ``out``; returns run.json's content."""
+    from .attacks import train_backdoored
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare(spec, root)
+    attack = build_attack(spec, data.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = build_model(spec, data)
+    t0 = time.perf_counter()
+    info = train_backdoored(model, *data.train, attack, rate=spec.rate, epochs=spec.epochs, batch_size=spec.batch_size,
+                            lr=spec.lr, seed=spec.seed, progress=progress)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate(model, data.test_loader(), poison_loader(attack, data))
+    save_state_dict(model.state_dict(), out / "model.safetensors")
+    state = attack.state_dict()
+    if state:
+        save_state_dict(state, out / "attack.safetensors")
+    run = {"spec": spec.to_dict(), "attack": attack.to_dict(), "num_classes": data.num_classes,
+           "train_seconds": seconds, "train_info": info, "metrics": metrics}
+    write_json(out / "run.json", run)  # written last: its presence marks a complete run
+    return run
+
+
+@dataclass
+class LoadedRun:
+    spec: BackdoorSpec
+    run: dict
+    model: nn.Module
+    attack: Any
+    data: RunData
+    folder: Path
+
+
+def load_run(folder, root=None, checkpoint=None) -> LoadedRun:
+    """A run folder back as model (its own checkpoint, or ``checkpoint``), attack and data."""
+    folder = Path(folder)
+    if not (folder / "run.json").is_file():
+        raise D.DataError(f"{folder} is not a backdoor run folder (no run.json); make one with `nft-fast train-backdoor`")
+    run = json.loads((folder / "run.json").read_text())
+    spec = BackdoorSpec.from_dict(run["spec"])
+    data = prepare(spec, root)
+    state_path = folder / "attack.safetensors"
+    attack = build_attack(spec, data.num_classes, load_state_dict(state_path) if state_path.exists() else None)
+    model = build_model(spec, data)
+    ckpt = checkpoint or folder / "model.safetensors"
+    load_into(model, load_state_dict(ckpt), f"checkpoint {ckpt} (--arch {spec.arch})")
+    return LoadedRun(spec, run, model, attack, data, folder)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NFT_FAST_CACHE", Path.home() / ".cache" / "nft_fast"))
+
+
+def cached_run(spec: BackdoorSpec, root=None, progress: bool = True, log=print) -> LoadedRun:
+    """Load the run of ``spec`` from the cache, training it first if absent."""
+    folder = cache_dir() / "runs" / spec.key()
+    if not (folder / "run.json").is_file():
+        log(f"training the backdoored model ({spec.attack}, {spec.arch} width {spec.width}, {spec.epochs} epochs) -> {folder}")
+        train(spec, folder, root, progress)
+    else:
+        log(f"reusing the cached backdoored model {folder}")
+    return load_run(folder, root)

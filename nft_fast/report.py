@@ -1,0 +1,123 @@
+"""Report folders: JSON, a markdown table and PNG plots (masks per layer with their floor,
+mask histogram, ACC/ASR per round)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .io import write_json, write_text
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def metrics_table(rows: Dict[str, Dict[str, float]]) -> str:
+    """Markdown table of ACC / ASR / RA (%) and seconds per named model."""
+    lines = ["| model | ACC % | ASR % | RA % | seconds |", "|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        secs = r.get("seconds")
+        lines.append(f"| {name} | {_pct(r.get('acc'))} | {_pct(r.get('asr'))} | {_pct(r.get('ra'))} | "
+                     f"{'-' if secs is None else f'{secs:.1f}'} |")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_masks(masks: Sequence[np.ndarray], names: Sequence[str], floors: Sequence[float], path: Path) -> None:
+    """Heatmap: one row per masked layer (channels sorted ascending), next to its floor mu(l)."""
+    plt = _plt()
+    width = max(m.size for m in masks)
+    grid = np.full((len(masks), width), np.nan)
+    for i, m in enumerate(masks):
+        v = np.sort(m.ravel())
+        grid[i, : v.size] = v
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 0.32 * len(masks) + 2), gridspec_kw={"width_ratios": [4, 1.3]},
+                                  sharey=True)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([f"{i + 1}: {n}" for i, n in enumerate(names)], fontsize=7)
+    ax.set_xlabel("channel (sorted by mask value)")
+    ax.set_title("learned masks per layer")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    ys = np.arange(len(masks))
+    ax2.plot([float(m.min()) for m in masks], ys, "o", ms=3, label="min mask")
+    ax2.plot([float(m.mean()) for m in masks], ys, "s", ms=3, label="mean mask")
+    ax2.plot(list(floors), ys, "r-", lw=1.2, label="floor mu(l)")
+    ax2.set_xlim(-0.02, 1.02)
+    ax2.set_xlabel("value")
+    ax2.legend(fontsize=7, loc="lower right")
+    ax2.set_title("floor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_histogram(masks: Sequence[np.ndarray], path: Path) -> None:
+    plt = _plt()
+    allm = np.concatenate([m.ravel() for m in masks])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(allm, bins=50, range=(0, 1), color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("mask value")
+    ax.set_ylabel("neurons")
+    ax.set_title(f"{allm.size} masks: mean {allm.mean():.3f}, {np.mean(allm < 0.5) * 100:.1f}% below 0.5")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rounds(history: List[dict], before: Dict[str, float], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = [0] + [h["round"] for h in history]
+    for key, style in (("acc", "o-"), ("asr", "s-"), ("ra", "^-")):
+        if key in before and all(key in h for h in history):
+            ax.plot(rounds, [100 * before[key]] + [100 * h[key] for h in history], style, label=key.upper())
+    ax.set_xlabel("round (0 = backdoored model)")
+    ax.set_ylabel("%")
+    ax.set_ylim(-2, 102)
+    ax.set_xticks(rounds)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("ACC / ASR / RA after each round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]] = None,
+                 floors: Optional[Sequence[float]] = None, title: str = "NFT purification") -> List[Path]:
+    """Write report.json, report.md and (when matplotlib is available) the plots; returns the files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    files = [out / "report.json", out / "report.md"]
+    rows = {"backdoored": report.get("before", {}), "NFT purified": report.get("after", {})}
+    md = [f"# {title}", "", metrics_table(rows), ""]
+    try:
+        _plt()
+        have_plt = True
+    except ImportError:
+        have_plt = False
+    if have_plt and masks:
+        names = list(masks)
+        plot_masks([masks[n] for n in names], names, floors or [0.0] * len(names), out / "masks_heatmap.png")
+        plot_histogram(list(masks.values()), out / "masks_hist.png")
+        md += ["![masks per layer](masks_heatmap.png)", "", "![mask histogram](masks_hist.png)", ""]
+        files += [out / "masks_heatmap.png", out / "masks_hist.png"]
+    if have_plt and report.get("history") and report.get("before"):
+        plot_rounds(report["history"], report["before"], out / "rounds.png")
+        md += ["![per round](rounds.png)", ""]
+        files.append(out / "rounds.png")
+    write_text(out / "report.md", "\n".join(md))
+    return files
