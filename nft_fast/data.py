@@ -191,21 +191,6 @@ def image_folder(root: Union[str, os.PathLike], size: Optional[int] = None, grey
 
 # --- synthetic task (fast tests) -------------------------------------------------------
 
-def badnets_patch(size: int = 3) -> torch.Tensor:
-    """The SPEC BadNets trigger: a ``size x size`` checkerboard (1 on even cells)."""
-    i = torch.arange(size)
-    return ((i[:, None] + i[None, :]) % 2 == 0).float()
-
-
-def apply_badnets(x: torch.Tensor, alpha: float = 0.6, size: int = 3) -> torch.Tensor:
-    """Blend the checkerboard into the bottom-right corner: ``(1-alpha) x + alpha * patch``."""
-    x = x.clone()
-    patch = badnets_patch(size).to(x)
-    region = x[..., -size:, -size:]
-    x[..., -size:, -size:] = (1 - alpha) * region + alpha * patch
-    return x
-
-
 def toy_images(n: int, num_classes: int = 10, size: int = 16, channels: int = 1, seed: int = 0,
                noise: float = 0.15, prototype_seed: int = 1234) -> Tuple[torch.Tensor, torch.Tensor]:
     """A synthetic image task: each class is a smooth random prototype plus noise and a small shift.
@@ -221,29 +206,3 @@ def toy_images(n: int, num_classes: int = 10, size: int = 16, channels: int = 1,
     shifts = torch.randint(-1, 2, (n, 2), generator=g)
     x = torch.stack([torch.roll(xi, tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)])
     return x.clamp(0, 1), y
-
-
-def poison(x: torch.Tensor, y: torch.Tensor, rate: float, target: int, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All-to-one BadNets poisoning of ``rate`` of the non-target samples; returns ``(x, y, poisoned_mask)``."""
-    g = torch.Generator().manual_seed(seed)
-    cand = (y != target).nonzero().flatten()
-    pick = cand[torch.randperm(cand.numel(), generator=g)[: int(round(rate * cand.numel()))]]
-    x, y = x.clone(), y.clone()
-    x[pick] = apply_badnets(x[pick])
-    y[pick] = target
-    flags = torch.zeros(y.shape[0], dtype=torch.bool)
-    flags[pick] = True
-    return x, y, flags
-
-
-def toy_backdoor_splits(num_classes: int = 10, size: int = 16, n_train: int = 4000, n_clean: int = 100,
-                        n_test: int = 1000, rate: float = 0.1, target: int = 0, seed: int = 0) -> dict:
-    """Attacker's poisoned training split, a disjoint clean set, clean test and triggered test sets."""
-    xtr, ytr = toy_images(n_train, num_classes, size, seed=seed)
-    xtr, ytr, _ = poison(xtr, ytr, rate, target, seed)
-    xc, yc = toy_images(n_clean, num_classes, size, seed=seed + 1)
-    xte, yte = toy_images(n_test, num_classes, size, seed=seed + 2)
-    keep = yte != target
-    xp = apply_badnets(xte[keep])
-    return {"train": (xtr, ytr), "clean": (xc, yc), "test": (xte, yte),
-            "poison": (xp, yte[keep], torch.full_like(yte[keep], target))}

@@ -22,11 +22,19 @@ def train_classifier(model: nn.Module, data: Dataset, epochs: int = 4, batch_siz
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True, disable=None)
+    # channels_last convolutions are faster on CPU and GPU (the state dict is unaffected).
+    channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    device = next(model.parameters()).device
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in range(epochs):
             for x, y in loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

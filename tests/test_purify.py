@@ -138,21 +138,6 @@ def test_evaluate_counts_acc_asr_ra():
     assert a2a["n_poison"] == 4
 
 
-def test_badnets_trigger_and_poisoning():
-    x = torch.zeros(2, 1, 8, 8)
-    t = D.apply_badnets(x)
-    patch = D.badnets_patch()
-    assert torch.allclose(t[:, :, -3:, -3:], 0.6 * patch.expand(2, 1, 3, 3))
-    assert (t[:, :, :5, :] == 0).all() and (t[:, :, :, :5] == 0).all()
-    xs, ys = D.toy_images(200, seed=0)
-    xp, yp, flags = D.poison(xs, ys, 0.1, target=0, seed=0)
-    assert flags.sum() == round(0.1 * (ys != 0).sum().item())
-    assert (yp[flags] == 0).all() and torch.equal(yp[~flags], ys[~flags]) and not (ys[flags] == 0).any()
-    assert torch.equal(xp[~flags], xs[~flags])
-    xp2, _, flags2 = D.poison(xs, ys, 0.1, target=0, seed=0)
-    assert torch.equal(flags, flags2) and torch.equal(xp, xp2)
-
-
 def test_array_dataset_augment_keeps_shape():
     x = torch.rand(4, 1, 12, 12)
     ds = D.ArrayDataset(x, torch.arange(4), augment=True)
