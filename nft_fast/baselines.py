@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from ._loop import Batches, CleanData, progress_bar
 from .config import NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_sites
 from .ops import use_backend
@@ -40,7 +41,6 @@ __all__ = [
 ]
 
 EvaluateFn = Optional[Callable[[nn.Module], Dict[str, float]]]
-CleanData = Union[Dataset, DataLoader]
 
 
 # --- shared helpers ---------------------------------------------------------------------
@@ -79,46 +79,6 @@ def _samples_per_class(model: nn.Module, data: CleanData, n_data: int) -> float:
     if out.dim() != 2:
         raise ValueError(f"model output must be (batch, classes) logits, got shape {tuple(out.shape)}")
     return n_data / out.shape[1]
-
-
-class _Batches:
-    """Clean batches: a Dataset is sampled with replacement (a fresh sampler per ``take``,
-    all drawn from one seeded generator); a DataLoader is used as given and restarted."""
-
-    def __init__(self, data: CleanData, batch_size: int, gen: torch.Generator) -> None:
-        self.data, self.batch_size, self.gen = data, batch_size, gen
-        self.it = None
-
-    def take(self, n: int) -> Iterator:
-        if isinstance(self.data, DataLoader):
-            for _ in range(n):
-                try:
-                    if self.it is None:
-                        raise StopIteration
-                    batch = next(self.it)
-                except StopIteration:
-                    self.it = iter(self.data)
-                    batch = next(self.it)
-                yield batch[0], batch[1]
-        else:
-            sampler = RandomSampler(self.data, replacement=True, num_samples=n * self.batch_size, generator=self.gen)
-            yield from DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None)  # None: off when not a TTY
 
 
 def _check_positive_int(name: str, v) -> None:
@@ -188,12 +148,12 @@ def finetune(
     gen_data = torch.Generator().manual_seed(seed)
     gen_perm = torch.Generator().manual_seed(seed)
     history: List[Dict[str, Any]] = []
-    bar = _bar(steps, "FT+MixUp" if mixup_alpha > 0 else "FT", progress)
+    bar = progress_bar(steps, "FT+MixUp" if mixup_alpha > 0 else "FT", progress)
     t_start = time.perf_counter()
     with _fork_rng(device):
         torch.manual_seed(seed)  # transforms of the user's dataset, dropout: global RNG
         n_c = _samples_per_class(net, clean_data, n_data)
-        batches = _Batches(clean_data, batch_size, gen_data)
+        batches = Batches(clean_data, batch_size, gen_data)
         net.train()
         done = 0
         for r, n_steps in enumerate(_round_bounds(steps, rounds)):
@@ -484,12 +444,12 @@ def anp(
     device = _device(masked)
     gen_data = torch.Generator().manual_seed(seed)
     history: List[Dict[str, Any]] = []
-    bar = _bar(iters, "ANP", progress)
+    bar = progress_bar(iters, "ANP", progress)
     t_start = time.perf_counter()
     with _fork_rng(device):
         torch.manual_seed(seed)  # transforms of the user's dataset: global RNG
         n_c = _samples_per_class(base, clean_data, n_data)
-        batches = _Batches(clean_data, batch_size, gen_data)
+        batches = Batches(clean_data, batch_size, gen_data)
         masked.train()
         for r, n_steps in enumerate(_round_bounds(iters, math.ceil(iters / log_every))):
             t0 = time.perf_counter()

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from . import ops
+from ._loop import Batches, progress_bar
 from .config import NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
 
@@ -216,20 +217,15 @@ def purify(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
-    bar = _progress(cfg.steps, progress)
+    bar = progress_bar(cfg.steps, "NFT", progress)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # transforms of the user's dataset draw from the global RNG
-        cycler = _Cycler(clean_data) if isinstance(clean_data, DataLoader) else None
+        batches = Batches(clean_data, cfg.batch_size, gen, num_workers)
         for r in range(cfg.rounds):
             purifier.lr = cfg.round_lr(r)
-            if cycler is not None:
-                batches = cycler.take(spr)
-            else:
-                sampler = RandomSampler(clean_data, replacement=True, num_samples=spr * cfg.batch_size, generator=gen)
-                batches = iter(DataLoader(clean_data, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers))
             t0 = time.perf_counter()
             losses, steps = 0.0, 0
-            for x, y in batches:
+            for x, y in batches.take(spr):
                 info = purifier.step(x, y)
                 losses += info["loss"]
                 steps += 1
@@ -245,35 +241,3 @@ def purify(
             history.append(entry)
     bar.close()
     return PurifyResult(model, history, time.perf_counter() - t_start, n_c)
-
-
-class _Cycler:
-    """Batches from a DataLoader across rounds, restarting it when exhausted."""
-
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader, self.it = loader, iter(loader)
-
-    def take(self, n: int):
-        for _ in range(n):
-            try:
-                batch = next(self.it)
-            except StopIteration:
-                self.it = iter(self.loader)
-                batch = next(self.it)
-            yield batch
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def set_postfix(self, **kw) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="NFT", unit="step", dynamic_ncols=True, disable=None)  # None: off when not a TTY

@@ -15,13 +15,7 @@ DIRTY = ["badnets", "blend", "trojan", "wanet"]
 CORNER = {"badnets": 3, "trojan": 4}  # patch side on 28x28
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: one thread is faster, and far faster on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(n=40, c=1, s=28, seed=0, num_classes=10):

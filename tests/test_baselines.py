@@ -15,14 +15,7 @@ from nft_fast import models
 from nft_fast.train import train_classifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Width-4 nets on 12x12 inputs are too small for intra-op parallelism; with one
-    # thread these tests also stay fast when other jobs load the 2 CI cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0):

@@ -21,13 +21,7 @@ CASES = [(a, c, s) for a in ZOO for c, s in INPUTS[a]]
 IDS = [f"{a}-{'x'.join(map(str, s))}" for a, c, s in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models here are tiny: intra-op threads only add overhead (and stall badly on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch, in_channels, shape, width=WIDTH, num_classes=NUM_CLASSES):

@@ -1,0 +1,50 @@
+"""Shared pieces of the training loops (NFT and the baselines): clean batches and progress bars."""
+from __future__ import annotations
+
+from typing import Iterator, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+CleanData = Union[Dataset, DataLoader]
+
+
+class Batches:
+    """Clean batches: a Dataset is sampled with replacement (a fresh sampler per ``take``,
+    all drawn from one seeded generator); a DataLoader is used as given and restarted."""
+
+    def __init__(self, data: CleanData, batch_size: int, gen: torch.Generator, num_workers: int = 0) -> None:
+        self.data, self.batch_size, self.gen, self.num_workers = data, batch_size, gen, num_workers
+        self.it = None
+
+    def take(self, n: int) -> Iterator:
+        if isinstance(self.data, DataLoader):
+            for _ in range(n):
+                try:
+                    if self.it is None:
+                        raise StopIteration
+                    batch = next(self.it)
+                except StopIteration:
+                    self.it = iter(self.data)
+                    batch = next(self.it)
+                yield batch[0], batch[1]
+        else:
+            sampler = RandomSampler(self.data, replacement=True, num_samples=n * self.batch_size, generator=self.gen)
+            yield from DataLoader(self.data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar (off when not a TTY), or a no-op one."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, disable=None)
