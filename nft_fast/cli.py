@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from . import models
 from .config import NFTConfig
-from .data import ArrayDataset, DataError, check_clean_set, load_arrays, per_class
+from .data import ArrayDataset, DataError, check_clean_set, image_folder, load_arrays, per_class
 from .evaluation import evaluate
 from .io import CheckpointError, load_into, load_state_dict, save_state_dict
 from .masks import attach_masks, fold_masks, mask_sites
@@ -63,8 +63,16 @@ def _loader(*tensors, batch_size: int = 512) -> DataLoader:
     return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
 
 
+def _read_set(path: str, grey: bool = False):
+    """``(x, y, y_target or None)`` from an .npz/.safetensors file or an ImageFolder directory."""
+    if Path(path).is_dir():
+        x, y, _ = image_folder(path, grey=grey)
+        return x, y, None
+    return load_arrays(path)
+
+
 def _load_eval_set(path: str, what: str, like: torch.Tensor):
-    x, y, yt = load_arrays(path)
+    x, y, yt = _read_set(path, grey=like.shape[1] == 1)
     if not torch.isfinite(x).all():
         raise DataError(f"the {what} ({path}) has NaN/inf values")
     if x.shape[1:] != like.shape[1:]:
@@ -81,9 +89,9 @@ def _inputs_from_files(args):
     if args.arch not in models.ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
     state = load_state_dict(args.checkpoint)
-    x, y, _ = load_arrays(args.data)
-    kw = dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1])
-    kw.update(models.infer_kwargs(args.arch, state))
+    kw = models.infer_kwargs(args.arch, state)
+    x, y, _ = _read_set(args.data, grey=kw.get("in_channels") == 1)
+    kw = dict(dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1]), **kw)
     if x.shape[1] != kw["in_channels"]:
         raise DataError(f"the clean set has {x.shape[1]} channels but the checkpoint expects {kw['in_channels']}")
     model = models.build(args.arch, **kw)
@@ -236,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="state dict: .safetensors, or a torch file (loaded weights_only); "
                                         "with --run, evaluated/purified instead of the run's own model")
     p.add_argument("--arch", help=f"architecture: {', '.join(sorted(models.ARCHS))}")
-    p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,)")
+    p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,), "
+                                  "or an image folder (one sub-folder per class)")
     p.add_argument("--out", required=True, help="output directory (created; inputs are never overwritten)")
     p.add_argument("--test-data", help="clean test set (.npz/.safetensors with x, y) for ACC")
     p.add_argument("--poison-data", help="triggered test set (x, y true labels, optional y_target) for ASR/RA")

@@ -128,6 +128,21 @@ def test_purify_safetensors_checkpoint(cli, files):
     assert sha256(files["ckpt"]) == before
 
 
+def test_purify_from_an_image_folder(cli, files, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for c in range(NUM_CLASSES):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (SIZE, SIZE), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    rc, _, err = cli(*purify_argv(files["ckpt"], root, files["out"], "--test-data", root))
+    assert rc == 0, err
+    report = json.loads((files["out"] / "report.json").read_text())
+    assert report["clean_samples"] == 4 * NUM_CLASSES and report["after"]["n_clean"] == 4 * NUM_CLASSES
+
+
 def test_purify_is_reproducible(cli, files, tmp_path):
     """Same inputs and seed, same purified model, byte for byte; another seed differs."""
     outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
