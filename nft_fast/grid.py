@@ -45,11 +45,11 @@ def _table(rows: List[dict], defenses: List[str], setting: str) -> List[str]:
     return out
 
 
-def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str) -> None:
+def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str, note: str = "") -> None:
     md = ["# Fashion-MNIST backdoor grid", "",
           "Per cell: ACC / ASR / RA in %. `none` is the backdoored model. Last row: average ASR drop / ACC drop in "
           "points over the attacks (the paper's Table 1 reports 95.56 / 1.81 for NFT on CIFAR-10).", "",
-          f"Regenerate: `{command}`", ""]
+          f"Regenerate: `{command}`", ""] + ([note, ""] if note else [])
     for setting in dict.fromkeys(r["setting"] for r in rows):
         n = next(r["clean_samples"] for r in rows if r["setting"] == setting)
         md += [f"## {setting} ({n} clean images)", ""] + _table(rows, defenses, setting) + [""]
