@@ -33,7 +33,7 @@ from ._loop import Batches, CleanData, progress_bar
 from .config import NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_sites
 from .ops import use_backend
-from .purifier import PurifyResult, purify
+from .purifier import PurifyResult, _first_batch, _infer_num_classes, purify
 
 __all__ = [
     "finetune", "anp", "anp_prune", "anp_selection", "ANPResult", "ANPTrainer",
@@ -65,20 +65,7 @@ def _num_data(data: CleanData) -> int:
 
 def _samples_per_class(model: nn.Module, data: CleanData, n_data: int) -> float:
     """``len(clean_set) / num_classes`` (classes read off the model's output on one sample)."""
-    if isinstance(data, DataLoader):
-        x = next(iter(data))[0][:1]
-    else:
-        x = torch.as_tensor(data[0][0]).unsqueeze(0)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x.to(_device(model)))
-    finally:
-        model.train(was)
-    if out.dim() != 2:
-        raise ValueError(f"model output must be (batch, classes) logits, got shape {tuple(out.shape)}")
-    return n_data / out.shape[1]
+    return n_data / _infer_num_classes(model, _first_batch(data)[0])
 
 
 def _check_positive_int(name: str, v) -> None:
