@@ -9,6 +9,18 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 CleanData = Union[Dataset, DataLoader]
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-free model)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def fork_rng(device: torch.device):
+    """Fork the global RNG (CPU, and ``device`` if a GPU) so seeding it leaves the caller's state alone."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
 class Batches:
     """Clean batches: a Dataset is sampled with replacement (a fresh sampler per ``take``,
     all drawn from one seeded generator); a DataLoader is used as given and restarted."""

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ._loop import Batches, CleanData, progress_bar
+from ._loop import Batches, CleanData, fork_rng, model_device, progress_bar
 from .config import NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_sites
 from .ops import use_backend
@@ -44,17 +44,6 @@ EvaluateFn = Optional[Callable[[nn.Module], Dict[str, float]]]
 
 
 # --- shared helpers ---------------------------------------------------------------------
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _fork_rng(device: torch.device):
-    """Fork the global RNG (CPU, and the model's GPU) so seeding it leaves the caller's state alone."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)
-
 
 def _num_data(data: CleanData) -> int:
     n = len(data.dataset if isinstance(data, DataLoader) else data)
@@ -128,7 +117,7 @@ def finetune(
     net = fold_masks(model)  # a deep copy (masks, if any, folded in)
     for p in net.parameters():
         p.requires_grad_(True)
-    device = _device(net)
+    device = model_device(net)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     rng = np.random.default_rng(seed)
@@ -137,7 +126,7 @@ def finetune(
     history: List[Dict[str, Any]] = []
     bar = progress_bar(steps, "FT+MixUp" if mixup_alpha > 0 else "FT", progress)
     t_start = time.perf_counter()
-    with _fork_rng(device):
+    with fork_rng(device):
         torch.manual_seed(seed)  # transforms of the user's dataset, dropout: global RNG
         n_c = _samples_per_class(net, clean_data, n_data)
         batches = Batches(clean_data, batch_size, gen_data)
@@ -428,12 +417,12 @@ def anp(
                          clip_noise=clip_noise, seed=seed)
     if prune_by == "number":  # validate before the long optimisation
         anp_selection(trainer.mask_values(), prune_by="number", prune_k=prune_k)
-    device = _device(masked)
+    device = model_device(masked)
     gen_data = torch.Generator().manual_seed(seed)
     history: List[Dict[str, Any]] = []
     bar = progress_bar(iters, "ANP", progress)
     t_start = time.perf_counter()
-    with _fork_rng(device):
+    with fork_rng(device):
         torch.manual_seed(seed)  # transforms of the user's dataset: global RNG
         n_c = _samples_per_class(base, clean_data, n_data)
         batches = Batches(clean_data, batch_size, gen_data)

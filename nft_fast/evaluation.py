@@ -6,6 +6,8 @@ from typing import Callable, Dict, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from ._loop import model_device
+
 Target = Union[int, str, Callable[[torch.Tensor], torch.Tensor], None]
 
 
@@ -38,8 +40,7 @@ def evaluate(
     (triggered inputs still given their true label), as fractions, with sample counts.
     """
     if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+        device = model_device(model)
     was_training = model.training
     model.eval()
     out: Dict[str, float] = {}

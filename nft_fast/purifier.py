@@ -20,14 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import ops
-from ._loop import Batches, progress_bar
+from ._loop import Batches, fork_rng, model_device, progress_bar
 from .config import NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class Purifier:
@@ -155,7 +150,7 @@ def _infer_num_classes(model: nn.Module, x: torch.Tensor) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[:1].to(_model_device(model)))
+            out = model(x[:1].to(model_device(model)))
     finally:
         model.train(was)
     if out.dim() != 2:
@@ -218,7 +213,7 @@ def purify(
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
     bar = progress_bar(cfg.steps, "NFT", progress)
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng(purifier.device):
         torch.manual_seed(cfg.seed)  # transforms of the user's dataset draw from the global RNG
         batches = Batches(clean_data, cfg.batch_size, gen, num_workers)
         for r in range(cfg.rounds):
