@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ._loop import Batches, CleanData, fork_rng, model_device, progress_bar
-from .config import NFTConfig
+from .config import PRESETS, NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_sites
 from .ops import use_backend
 from .purifier import PurifyResult, _first_batch, _infer_num_classes, purify
@@ -470,6 +470,10 @@ NFT_ABLATIONS: Dict[str, Dict[str, Any]] = {
     "nft_no_mixup": {"mixup_alpha": 0.0},   # lam = 1: plain cross-entropy
     "nft_no_reg": {"reg_coef": 0.0},        # no |1 - m| regularizer
     "nft_no_floor": {"floor_alpha": 0.0},   # floors mu(l) = 0: masks clamped to [0, 1]
+    "nft_adv": {"adv_eps": 0.05},           # + L-inf PGD adversarial inputs in the mask objective
+    "nft_strong": dict(PRESETS["strong"]),  # + trigger unlearning (NFTConfig.preset("strong"))
+    "nft_strong_no_refresh": dict(PRESETS["strong"], trigger_refresh=False),
+    "nft_strong_no_mixup": dict(PRESETS["strong"], mixup_alpha=0.0),
 }
 
 DEFENSES = ("none", "ft", "ft_mixup", "anp") + tuple(NFT_ABLATIONS)

@@ -28,6 +28,27 @@ class NFTConfig:
     # None: channels_last whenever the model has Conv2d layers (faster convolutions on
     # CPU and GPU; numerically equivalent, not bit-identical, to NCHW).
     channels_last: Optional[bool] = None
+    # Extensions beyond the reference (all off by default; see docs/purification.md):
+    # adversarial inputs inside the mask objective -- each step adds
+    # ``adv_weight * CE(model(x + delta), y)`` where ``delta`` is an L-inf PGD perturbation
+    # of radius ``adv_eps`` (``adv_steps`` steps, random start) of the *unmixed* clean batch.
+    # Backdoored networks are easiest to fool along the trigger's features, so the masks
+    # learn to suppress the neurons that carry them.
+    adv_eps: float = 0.0
+    adv_steps: int = 1
+    adv_weight: float = 1.0
+    # Trigger unlearning: synthesize a trigger per class from the clean set (nft_fast.trigger),
+    # then each step adds ``trigger_weight * CE(model(trigger(x)), y)`` for the
+    # ``trigger_top`` most suspicious classes (re-synthesized against the masked model at
+    # the start of every round when ``trigger_refresh``).
+    trigger_weight: float = 0.0
+    trigger_top: int = 1
+    trigger_steps: int = 150
+    trigger_l1: float = 0.01
+    trigger_refresh: bool = True
+    # Re-estimate BatchNorm running statistics on the unmixed clean set after the last
+    # round (MixUp batches have a smaller variance than real inputs).
+    bn_recalibrate: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -39,7 +60,12 @@ class NFTConfig:
                 bad(f"{name} must be a positive integer, got {v!r}")
         if self.steps % self.rounds:
             bad(f"steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
-        for name in ("lr", "momentum", "eta_min", "mixup_alpha", "reg_coef", "floor_alpha", "floor_beta"):
+        for name in ("adv_steps", "trigger_top", "trigger_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(f"{name} must be a positive integer, got {v!r}")
+        for name in ("lr", "momentum", "eta_min", "mixup_alpha", "reg_coef", "floor_alpha", "floor_beta",
+                     "adv_eps", "adv_weight", "trigger_weight", "trigger_l1"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a finite non-negative number, got {v!r}")
@@ -64,8 +90,24 @@ class NFTConfig:
         """Learning rate of round r (0-based): CosineAnnealingLR(T_max=rounds, eta_min) stepped per round."""
         return self.eta_min + (self.lr - self.eta_min) * (1 + math.cos(math.pi * r / self.rounds)) / 2
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "NFTConfig":
+        """A named configuration: ``"reference"`` (the paper's settings, ``NFTConfig()``) or
+        ``"strong"`` (trigger unlearning added to the mask objective; docs/purification.md
+        gives the ablations behind each choice). ``overrides`` replace single fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
     def replace(self, **kw) -> "NFTConfig":
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+#: Named configurations (:meth:`NFTConfig.preset`).
+PRESETS = {
+    "reference": {},
+    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True},
+}

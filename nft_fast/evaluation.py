@@ -70,3 +70,60 @@ def evaluate(
     finally:
         model.train(was_training)
     return out
+
+
+def adversarial_signal(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = 0.05,
+    steps: int = 5,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> Dict[str, float]:
+    """A backdoor signal that needs no poisoned data: where small adversarial perturbations
+    of the clean set send it.
+
+    Each clean sample gets an untargeted L-inf PGD perturbation (radius ``eps``, ``steps``
+    steps, random start, clamped to the set's value range) in ``eval()`` mode. A backdoored
+    network has a shortcut to its target class, so its adversarial examples pile up in that
+    class; a clean (or purified) one spreads them over the classes. Returns ``adv_acc``
+    (accuracy under the perturbation), ``adv_top_class`` and ``adv_top_share`` (the class
+    receiving most misclassified adversarial examples, among samples not of that class, and
+    the share it gets), plus the clean ``clean_acc``. ``adv_top_share`` near 1 is the warning sign;
+    compare it with the backdoored model's value.
+    """
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError("adversarial_signal: x and y must hold the same non-zero number of samples")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = float(x.min()), float(x.max())
+    preds, clean_preds = [], []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            d = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * eps).to(device, xb.dtype)
+            for _ in range(steps):
+                d.requires_grad_(True)
+                with torch.enable_grad():
+                    loss = torch.nn.functional.cross_entropy(model((xb + d).clamp(lo, hi)).float(), yb)
+                    g, = torch.autograd.grad(loss, d)
+                d = (d.detach() + (2.5 * eps / steps) * g.sign()).clamp_(-eps, eps)
+            with torch.no_grad():
+                preds.append(model((xb + d).clamp(lo, hi)).argmax(1).cpu())
+                clean_preds.append(model(xb).argmax(1).cpu())
+    finally:
+        model.train(was_training)
+    p, c = torch.cat(preds), torch.cat(clean_preds)
+    y = y.cpu()
+    wrong = p != y
+    n_cls = int(max(p.max(), y.max())) + 1
+    share = torch.zeros(n_cls)
+    for k in range(n_cls):
+        cand = y != k
+        share[k] = (wrong & cand & (p == k)).sum() / cand.sum().clamp(min=1)
+    top = int(share.argmax())
+    return {"clean_acc": float((c == y).float().mean()), "adv_acc": float((~wrong).float().mean()),
+            "adv_top_class": top, "adv_top_share": float(share[top])}

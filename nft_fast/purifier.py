@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import ops
 from ._loop import Batches, fork_rng, model_device, progress_bar
 from .config import NFTConfig
+from .trigger import ScanResult, Trigger, scan, synthesize
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
 
 
@@ -73,6 +74,11 @@ class Purifier:
         self._rng = np.random.default_rng(self.cfg.seed)
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
         self._autocast = self.cfg.precision == "bf16"
+        # BN buffers are snapshotted around the adversarial forwards so running statistics
+        # reflect the (MixUp) clean batches only, as in the reference.
+        self.triggers: List[Trigger] = []  # unlearning triggers (NFTConfig.trigger_weight)
+        self._bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            for b in m.buffers()]
         model.train()
 
     @property
@@ -93,6 +99,27 @@ class Purifier:
         lam = float(self._rng.beta(a, a)) if a > 0 else 1.0
         return lam, torch.randperm(batch_size, generator=self._gen)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            return self.model(x).float()
+
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """An L-inf PGD perturbation of ``x`` (radius ``adv_eps``, ``adv_steps`` signed steps of
+        ``2.5 * eps / steps`` from a uniform random start) maximising CE, clamped to the batch's
+        value range. BN running statistics are left unchanged; no mask gradient is kept."""
+        eps, k = self.cfg.adv_eps, self.cfg.adv_steps
+        lo, hi = x.min(), x.max()
+        u = torch.rand(x.shape, generator=self._gen, dtype=torch.float32).to(self.device, x.dtype)
+        d = (u * 2 - 1).mul_(eps)
+        if self.channels_last and x.dim() == 4:
+            d = d.contiguous(memory_format=torch.channels_last)
+        for _ in range(k):
+            d.requires_grad_(True)
+            loss = F.cross_entropy(self._forward(torch.clamp(x + d, lo, hi)), y)
+            g, = torch.autograd.grad(loss, d)
+            d = (d.detach() + (2.5 * eps / k) * g.sign()).clamp_(-eps, eps)
+        return torch.clamp(x + d, lo, hi).detach()
+
     def step(self, x: torch.Tensor, y: torch.Tensor, lam: Optional[float] = None,
              perm: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """One NFT step on the batch ``(x, y)``; ``lam``/``perm`` are drawn when omitted.
@@ -112,12 +139,31 @@ class Purifier:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         x_mix = lam * x + (1 - lam) * x[perm]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            out = self.model(x_mix)
-        out = out.float()
+        out = self._forward(x_mix)
         loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
         self._grad.zero_()
-        loss.backward()
+        extra: Dict[str, torch.Tensor] = {}
+        use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
+        use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
+        if use_adv or use_trig:
+            saved = [b.clone() for b in self._bn_buffers]
+            total = loss
+            if use_adv:
+                extra["adv_loss"] = F.cross_entropy(self._forward(self.adversarial(x, y)), y)
+                total = total + self.cfg.adv_weight * extra["adv_loss"]
+            if use_trig:
+                trig = self.triggers[self.steps_done % len(self.triggers)]
+                keep = y != trig.target
+                if bool(keep.any()):
+                    xt = trig.apply(x[keep])
+                    extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
+                    total = total + self.cfg.trigger_weight * extra["trigger_loss"]
+            total.backward()
+            with torch.no_grad():  # after backward: batch_norm saved the buffers for it
+                for b, v in zip(self._bn_buffers, saved):
+                    b.copy_(v)
+        else:
+            loss.backward()
         reg = self.regularizer()
         reg_scale = self.cfg.reg_coef / self.samples_per_class
         ops.mask_update_(self._mask, self._grad, self._buf, self._floor, self.lr, self.cfg.momentum, reg_scale)
@@ -125,7 +171,11 @@ class Purifier:
         loss_v = float(loss.detach())
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"non-finite loss ({loss_v}) at step {self.steps_done}: check the inputs for NaN/inf")
-        return {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
+        info = {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
+        for k, v in extra.items():
+            info[k] = float(v.detach())
+            info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.cfg.trigger_weight) * info[k]
+        return info
 
 
 @dataclass
@@ -163,6 +213,53 @@ def _first_batch(data) -> tuple:
         return next(iter(data))
     x, y = data[0]
     return torch.as_tensor(x).unsqueeze(0), torch.as_tensor(y).view(1)
+
+
+def gather(data, limit: int = 8192) -> tuple:
+    """Up to ``limit`` samples of a clean Dataset / DataLoader as ``(x, y)`` tensors (for scans)."""
+    xs, ys, n = [], [], 0
+    if isinstance(data, DataLoader):
+        for b in data:
+            xs.append(torch.as_tensor(b[0]))
+            ys.append(torch.as_tensor(b[1]).view(-1))
+            n += ys[-1].numel()
+            if n >= limit:
+                break
+    else:
+        for i in range(min(len(data), limit)):
+            xi, yi = data[i]
+            xs.append(torch.as_tensor(xi).unsqueeze(0))
+            ys.append(torch.as_tensor(yi).view(1))
+    return torch.cat(xs)[:limit], torch.cat(ys)[:limit].long()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average over
+    batches of ``batch_size``), in place; the model's train/eval mode is kept."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    was = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    dev = model_device(model)
+    cl = any(isinstance(m, nn.Conv2d) for m in model.modules()) and x.dim() == 4
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(dev)
+            model(xb.contiguous(memory_format=torch.channels_last) if cl else xb)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was)
+
+
+def _scan_kw(cfg: NFTConfig) -> Dict[str, Any]:
+    return {"steps": cfg.trigger_steps, "l1": cfg.trigger_l1, "batch_size": cfg.batch_size, "seed": cfg.seed}
 
 
 def purify(
@@ -212,6 +309,13 @@ def purify(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
+    trig_info: Dict[str, Any] = {}
+    if cfg.trigger_weight > 0:
+        xs, ys = gather(clean_data)
+        found = scan(model, xs, ys, **_scan_kw(cfg))
+        purifier.triggers = found.ranked()[: cfg.trigger_top]
+        trig_info = found.summary()
+        trig_info["trigger_seconds"] = time.perf_counter() - t_start
     bar = progress_bar(cfg.steps, "NFT", progress)
     with fork_rng(purifier.device):
         torch.manual_seed(cfg.seed)  # transforms of the user's dataset draw from the global RNG
@@ -219,6 +323,10 @@ def purify(
         for r in range(cfg.rounds):
             purifier.lr = cfg.round_lr(r)
             t0 = time.perf_counter()
+            if r > 0 and purifier.triggers and cfg.trigger_refresh:
+                # the masked model's remaining shortcut: warm-started, a third of the steps
+                kw = dict(_scan_kw(cfg), steps=max(1, cfg.trigger_steps // 3))
+                purifier.triggers = [synthesize(model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
             losses, steps = 0.0, 0
             for x, y in batches.take(spr):
                 info = purifier.step(x, y)
@@ -230,9 +338,22 @@ def purify(
                 "round": r + 1, "lr": purifier.lr, "steps": steps, "loss": losses / max(steps, 1),
                 "reg": purifier.regularizer(), "seconds": time.perf_counter() - t0,
             }
+            if purifier.triggers:
+                entry.update(trigger_norm=purifier.triggers[0].norm, trigger_success=purifier.triggers[0].success)
+            if r == 0 and trig_info:
+                entry["scan"] = trig_info
             if evaluate_fn is not None:
                 entry.update(evaluate_fn(model))
                 model.train()
             history.append(entry)
     bar.close()
+    if cfg.bn_recalibrate:
+        if cfg.trigger_weight <= 0:
+            xs, ys = gather(clean_data)
+        recalibrate_bn(model, xs, cfg.batch_size)
+        if evaluate_fn is not None and history:
+            history[-1].update({f"{k}_before_recalibration": v for k, v in history[-1].items()
+                                if k in ("acc", "asr", "ra")})
+            history[-1].update(evaluate_fn(model))
+            model.train()
     return PurifyResult(model, history, time.perf_counter() - t_start, n_c)

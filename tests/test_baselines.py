@@ -220,8 +220,11 @@ def test_anp_lowers_the_attack_success_rate_of_a_real_backdoor():
 # --- NFT ablations and dispatch -----------------------------------------------------------
 
 def test_ablation_configs():
-    assert B.NFT_ABLATIONS == {"nft": {}, "nft_no_mixup": {"mixup_alpha": 0.0}, "nft_no_reg": {"reg_coef": 0.0},
-                               "nft_no_floor": {"floor_alpha": 0.0}}
+    strong = nft_fast.NFTConfig.preset("strong")
+    assert {k: B.NFT_ABLATIONS[k] for k in ("nft", "nft_no_mixup", "nft_no_reg", "nft_no_floor")} == {
+        "nft": {}, "nft_no_mixup": {"mixup_alpha": 0.0}, "nft_no_reg": {"reg_coef": 0.0},
+        "nft_no_floor": {"floor_alpha": 0.0}}
+    assert nft_fast.NFTConfig().replace(**B.NFT_ABLATIONS["nft_strong"]) == strong
     base = nft_fast.NFTConfig()
     cfgs = {k: base.replace(**v) for k, v in B.NFT_ABLATIONS.items()}  # all pass NFTConfig validation
     assert cfgs["nft"] == base

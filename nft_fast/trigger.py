@@ -1,0 +1,182 @@
+"""Trigger synthesis from clean data only (Neural-Cleanse style), used two ways:
+
+* as a **signal** that needs no poisoned data (:func:`scan`): for every class, the smallest
+  input mask that sends clean images of the other classes there. A backdoored network has
+  one class reachable with a tiny mask (its trigger); the anomaly index (median absolute
+  deviation of the mask norms, as in Neural Cleanse) says how much smaller it is than the
+  rest. Reported before and after purification, it tells a user whether to trust a run.
+* as **unlearning inputs** inside the NFT mask objective (``NFTConfig.trigger_weight``):
+  the synthesized trigger of the most suspicious class(es) is stamped on clean images,
+  which must keep their true label -- the masks learn to switch off the neurons that
+  carry the shortcut, which MixUp alone does not find.
+
+A trigger is ``x' = (1 - m) * x + m * p`` with a per-pixel mask ``m`` in [0, 1] (shared
+over channels) and a pattern ``p`` in the data's value range.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._loop import model_device
+
+__all__ = ["Trigger", "ScanResult", "synthesize", "scan"]
+
+
+@dataclass
+class Trigger:
+    """A synthesized trigger for class ``target``: ``mask`` (1, H, W) and ``pattern`` (C, H, W)."""
+
+    target: int
+    mask: torch.Tensor
+    pattern: torch.Tensor
+    norm: float  # L1 norm of the mask (pixels)
+    success: float  # fraction of other-class clean images sent to ``target``
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x.device, x.dtype)
+        return (1 - m) * x + m * self.pattern.to(x.device, x.dtype)
+
+
+@dataclass
+class ScanResult:
+    """Per-class triggers, and the anomaly index of each class's mask norm (larger = more suspicious)."""
+
+    triggers: List[Trigger]
+    anomaly: List[float] = field(default_factory=list)
+
+    @property
+    def suspect(self) -> int:
+        """The class with the smallest trigger (highest anomaly index)."""
+        return self.ranked()[0].target
+
+    @property
+    def max_anomaly(self) -> float:
+        return max(self.anomaly)
+
+    def ranked(self) -> List[Trigger]:
+        """Triggers from most to least suspicious."""
+        return [self.triggers[k] for k in sorted(range(len(self.anomaly)), key=lambda k: -self.anomaly[k])]
+
+    def summary(self) -> Dict[str, float]:
+        t = self.ranked()[0]
+        norms = sorted(tr.norm for tr in self.triggers)
+        return {"trigger_anomaly": self.max_anomaly, "trigger_suspect": self.suspect, "trigger_norm": t.norm,
+                "trigger_median_norm": norms[len(norms) // 2], "trigger_success": t.success}
+
+
+class _BNFrozen:
+    """Run a model in train() or eval() mode with its BN running statistics left untouched."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+    def __enter__(self):
+        self.saved = [b.clone() for b in self.buffers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for b, v in zip(self.buffers, self.saved):
+                b.copy_(v)
+
+
+def synthesize(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: int,
+    *,
+    steps: int = 150,
+    lr: float = 0.1,
+    l1: float = 0.01,
+    batch_size: int = 128,
+    seed: int = 0,
+    init: Optional[Trigger] = None,
+) -> Trigger:
+    """The smallest mask/pattern sending clean images of other classes to ``target``.
+
+    Minimises ``CE(model(x'), target) + l1 * |m|_1`` over ``steps`` Adam steps on random
+    batches of the non-``target`` samples, with the model in ``eval()`` mode and its
+    parameters untouched (``init`` warm-starts from an earlier trigger).
+    """
+    src = x[y != target]
+    if src.shape[0] == 0:
+        raise ValueError(f"synthesize: the clean set has no samples outside class {target}")
+    device = model_device(model)
+    lo, hi = float(x.min()), float(x.max())
+    c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    if init is not None:
+        m0 = init.mask.clamp(1e-3, 1 - 1e-3)
+        p0 = ((init.pattern - lo) / max(hi - lo, 1e-12)).clamp(1e-3, 1 - 1e-3)
+        m_logit = torch.logit(m0).to(device).clone()
+        p_logit = torch.logit(p0).to(device).clone()
+    else:
+        m_logit = torch.full((1, h, w), -3.0, device=device)
+        p_logit = (torch.rand((c, h, w), generator=gen) * 2 - 1).to(device)
+    m_logit.requires_grad_(True)
+    p_logit.requires_grad_(True)
+    opt = torch.optim.Adam([m_logit, p_logit], lr=lr, betas=(0.5, 0.9))
+    was = model.training
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    tgt_full = torch.full((batch_size,), target, device=device, dtype=torch.long)
+    try:
+        for _ in range(steps):
+            idx = torch.randint(src.shape[0], (min(batch_size, src.shape[0]),), generator=gen)
+            xb = src[idx].to(device)
+            m = torch.sigmoid(m_logit)
+            p = lo + (hi - lo) * torch.sigmoid(p_logit)
+            out = model((1 - m) * xb + m * p).float()
+            loss = F.cross_entropy(out, tgt_full[: xb.shape[0]]) + l1 * m.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            m = torch.sigmoid(m_logit).detach()
+            p = (lo + (hi - lo) * torch.sigmoid(p_logit)).detach()
+            hit = n = 0
+            for i in range(0, src.shape[0], 512):
+                xb = src[i:i + 512].to(device)
+                hit += int((model((1 - m) * xb + m * p).argmax(1) == target).sum())
+                n += xb.shape[0]
+    finally:
+        model.train(was)
+        for prm, r in zip(model.parameters(), req):
+            prm.requires_grad_(r)
+    return Trigger(target, m.cpu(), p.cpu(), float(m.sum()), hit / max(n, 1))
+
+
+def _anomaly(norms: Sequence[float]) -> List[float]:
+    """Neural Cleanse's anomaly index: ``(median - norm) / (1.4826 * MAD)`` (positive = smaller than usual)."""
+    t = torch.tensor(list(norms), dtype=torch.float64)
+    med = t.median()
+    mad = (t - med).abs().median() * 1.4826
+    mad = max(float(mad), 1e-12)
+    return [float((med - v) / mad) for v in t]
+
+
+def scan(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: Optional[Sequence[int]] = None,
+    **kw,
+) -> ScanResult:
+    """A trigger per class (``classes``: default every label in ``y``) and their anomaly indices."""
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError("scan: x and y must hold the same non-zero number of samples")
+    if classes is None:
+        classes = sorted(int(c) for c in y.unique())
+    if len(classes) < 3:
+        raise ValueError(f"scan needs at least 3 classes to compare trigger sizes, got {len(classes)}")
+    triggers = [synthesize(model, x, y, int(k), **kw) for k in classes]
+    return ScanResult(triggers, _anomaly([t.norm for t in triggers]))

@@ -1,0 +1,174 @@
+"""Beyond the reference: trigger synthesis (scan), trigger unlearning and adversarial inputs in
+the mask objective, BN recalibration, presets."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import nft_fast
+from nft_fast import data as D
+from nft_fast import models
+from nft_fast.attacks import BadNets
+from nft_fast.config import PRESETS
+from nft_fast.purifier import Purifier, gather, recalibrate_bn
+from nft_fast.train import train_classifier
+from nft_fast.trigger import Trigger, _anomaly, scan, synthesize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def toy_backdoor():
+    """A width-4 ResNet-18 on 12x12 toy images with a BadNets backdoor to class 0."""
+    xtr, ytr = D.toy_images(1200, num_classes=4, size=12, seed=0)
+    attack = BadNets(target=0, num_classes=4)
+    xtr, ytr, _ = attack.poison_train(xtr, ytr, rate=0.3)
+    torch.manual_seed(0)
+    model = models.build("resnet18", num_classes=4, in_channels=1, width=4, image_size=12)
+    train_classifier(model, TensorDataset(xtr, ytr), epochs=5, batch_size=32, lr=0.05, progress=False)
+    xc, yc = D.toy_images(100, num_classes=4, size=12, seed=1)
+    xte, yte = D.toy_images(400, num_classes=4, size=12, seed=2)
+    keep = yte != 0
+    test = DataLoader(TensorDataset(xte, yte), batch_size=200)
+    poison = DataLoader(TensorDataset(attack.apply(xte[keep]), yte[keep]), batch_size=200)
+    return model, (xc, yc), test, poison
+
+
+def test_presets():
+    assert NFTConfig_eq(nft_fast.NFTConfig.preset("reference"), nft_fast.NFTConfig())
+    s = nft_fast.NFTConfig.preset("strong")
+    assert s.trigger_weight > 0 and s.steps == 1000 and s.lr == 0.05  # the reference schedule, plus unlearning
+    assert nft_fast.NFTConfig.preset("strong", seed=3).seed == 3
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        nft_fast.NFTConfig.preset("fast")
+    d = nft_fast.NFTConfig()  # the reference stays exactly the SPEC defaults
+    assert (d.adv_eps, d.trigger_weight, d.bn_recalibrate) == (0.0, 0.0, False)
+    for bad in (dict(adv_eps=-0.1), dict(adv_steps=0), dict(trigger_top=0), dict(trigger_weight=float("nan")),
+                dict(trigger_steps=1.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            nft_fast.NFTConfig(**bad)
+    assert set(PRESETS) >= {"reference", "strong"}
+
+
+def NFTConfig_eq(a, b):
+    return a.to_dict() == b.to_dict()
+
+
+def test_anomaly_index():
+    a = _anomaly([3.0, 40.0, 38.0, 42.0, 41.0, 39.0])
+    assert a[0] > 10 and all(abs(v) < 3 for v in a[1:])
+
+
+def test_scan_finds_the_backdoor_target(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    state = copy.deepcopy(model.state_dict())
+    res = scan(model, xc, yc, steps=60, batch_size=64)
+    assert res.suspect == 0, res.summary()
+    t = res.triggers[0]
+    assert t.success > 0.8 and t.norm < min(tr.norm for tr in res.triggers[1:])
+    assert res.max_anomaly > 1.0
+    assert t.mask.shape == (1, 12, 12) and t.pattern.shape == (1, 12, 12)
+    assert float(t.mask.min()) >= 0 and float(t.mask.max()) <= 1
+    assert float(t.pattern.min()) >= float(xc.min()) - 1e-6 and float(t.pattern.max()) <= float(xc.max()) + 1e-6
+    sd = model.state_dict()  # scanning leaves weights and BN statistics untouched
+    assert all(torch.equal(sd[k], state[k]) for k in sd)
+    assert all(p.requires_grad for p in model.parameters())
+    # warm start from a trigger keeps it
+    again = synthesize(model, xc, yc, 0, steps=5, init=t)
+    assert again.success > 0.5 and abs(again.norm - t.norm) < 0.5 * t.norm + 1
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        scan(model, xc[yc < 2], yc[yc < 2])
+    with pytest.raises(ValueError, match="no samples outside class 0"):
+        synthesize(model, xc[yc == 0], yc[yc == 0], 0)
+
+
+def test_trigger_apply():
+    m = torch.zeros(1, 4, 4)
+    m[0, 3, 3] = 1
+    t = Trigger(0, m, torch.full((2, 4, 4), 0.5), 1.0, 1.0)
+    x = torch.rand(3, 2, 4, 4)
+    out = t.apply(x)
+    assert torch.equal(out[..., :3, :], x[..., :3, :]) and torch.all(out[..., 3, 3] == 0.5)
+
+
+def test_strong_purify_removes_the_toy_backdoor(toy_backdoor):
+    model, (xc, yc), test, poison = toy_backdoor
+    ev = lambda m: nft_fast.evaluate(m, test, poison, target=0)  # noqa: E731
+    before = ev(model)
+    assert before["asr"] > 0.5, before
+    kw = dict(steps=60, rounds=3, batch_size=32, trigger_steps=60)
+    ref = nft_fast.purify(model, TensorDataset(xc, yc), nft_fast.NFTConfig(steps=60, rounds=3, batch_size=32),
+                          progress=False)
+    res = nft_fast.purify(model, TensorDataset(xc, yc), nft_fast.NFTConfig.preset("strong", **kw),
+                          progress=False, evaluate_fn=ev)
+    after, after_ref = ev(res.folded()), ev(ref.folded())
+    assert after["asr"] < 0.5 * before["asr"] and after["asr"] < after_ref["asr"], (before, after, after_ref)
+    assert after["acc"] > before["acc"] - 0.15, (before, after)
+    scan_info = res.history[0]["scan"]
+    assert scan_info["trigger_suspect"] == 0 and scan_info["trigger_seconds"] > 0
+    assert all("trigger_norm" in h for h in res.history)
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+@pytest.mark.parametrize("kind", ["adv", "trigger"])
+def test_extra_terms_leave_bn_statistics_to_the_clean_batch(toy_backdoor, kind):
+    model, (xc, yc), _, _ = toy_backdoor
+    cfg = nft_fast.NFTConfig(adv_eps=0.05, adv_steps=2) if kind == "adv" else nft_fast.NFTConfig(trigger_weight=1.0)
+    plain, extra = copy.deepcopy(model), copy.deepcopy(model)
+    nft_fast.attach_masks(plain)
+    nft_fast.attach_masks(extra)
+    p0, p1 = Purifier(plain, nft_fast.NFTConfig()), Purifier(extra, cfg)
+    if kind == "trigger":
+        p1.triggers = [synthesize(model, xc, yc, 0, steps=10)]
+    lam, perm = 0.7, torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    i0 = p0.step(xc[:32], yc[:32], lam, perm)
+    i1 = p1.step(xc[:32], yc[:32], lam, perm)
+    b0, b1 = _bn_state(plain), _bn_state(extra)
+    assert all(torch.allclose(b0[k].float(), b1[k].float(), rtol=1e-5, atol=1e-6) for k in b0)
+    key = "adv_loss" if kind == "adv" else "trigger_loss"
+    assert i1[key] > 0 and i1["total"] > i0["total"]
+    assert i1["loss"] == pytest.approx(i0["loss"], rel=1e-5)
+    assert not torch.allclose(p0.flat_masks(), p1.flat_masks())  # the extra term moved the masks
+
+
+def test_adversarial_stays_in_the_ball(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    m = copy.deepcopy(model)
+    nft_fast.attach_masks(m)
+    p = Purifier(m, nft_fast.NFTConfig(adv_eps=0.03, adv_steps=3))
+    xa = p.adversarial(xc[:16], yc[:16])
+    assert float((xa - xc[:16]).abs().max()) <= 0.03 + 1e-6
+    assert float(xa.min()) >= float(xc[:16].min()) - 1e-6 and float(xa.max()) <= float(xc[:16].max()) + 1e-6
+    assert not torch.equal(xa, xc[:16])
+
+
+def test_recalibrate_bn_matches_plain_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 10 * 10, 2))
+    x = torch.randn(64, 1, 12, 12) * 2 + 1
+    net.eval()
+    recalibrate_bn(net, x, batch_size=64)  # one batch: the running stats are that batch's
+    z = net[0](x)
+    assert torch.allclose(net[1].running_mean, z.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(net[1].running_var, z.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    assert not net.training and net[1].momentum == 0.1
+
+
+def test_gather():
+    x, y = torch.randn(10, 1, 4, 4), torch.arange(10) % 3
+    gx, gy = gather(TensorDataset(x, y))
+    assert torch.equal(gx, x) and torch.equal(gy, y)
+    gx, gy = gather(DataLoader(TensorDataset(x, y), batch_size=4), limit=6)
+    assert gx.shape[0] == 6 and torch.equal(gy, y[:6])
+
+
+def test_adversarial_signal_runs_and_reports(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    s = nft_fast.evaluation.adversarial_signal(model, xc, yc, eps=0.1, steps=2)
+    assert 0 <= s["adv_acc"] <= s["clean_acc"] + 1e-6 and 0 <= s["adv_top_share"] <= 1
+    assert s["adv_top_class"] in range(4)
