@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import models
-from .config import NFTConfig
+from .config import PRESETS, NFTConfig
 from .data import ArrayDataset, DataError, check_clean_set, image_folder, load_arrays, per_class
 from .evaluation import evaluate
 from .io import CheckpointError, load_into, load_state_dict, save_state_dict
@@ -31,6 +31,8 @@ class UsageError(ValueError):
 def _add_cfg_args(p: argparse.ArgumentParser) -> None:
     d = NFTConfig()
     g = p.add_argument_group("NFT hyper-parameters (defaults: the reference settings)")
+    g.add_argument("--preset", choices=tuple(PRESETS), default="reference",
+                   help="reference: the paper's NFT; strong: + trigger unlearning (docs/purification.md)")
     g.add_argument("--steps", type=int, default=d.steps)
     g.add_argument("--rounds", type=int, default=d.rounds)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -41,8 +43,8 @@ def _add_cfg_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg_from(args) -> NFTConfig:
-    return NFTConfig(steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     precision=args.precision)
+    return NFTConfig.preset(args.preset, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size,
+                            lr=args.lr, seed=args.seed, precision=args.precision)
 
 
 def _check_out_dir(out: Path, inputs: List[Optional[str]]) -> None:
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--train-subset", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--signal", default=None, help="defenses (comma-separated, 'none' = the backdoored model) whose "
+                   "result gets the poison-free trigger-scan signal")
+    g.add_argument("--signal-steps", type=int, default=100, help="trigger synthesis steps per class for --signal")
     g.add_argument("--out", default="docs/grid")
     g.add_argument("--no-progress", action="store_true")
     _add_data_dir(g)

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 from .evaluation import evaluate
 from .experiment import BackdoorSpec, cached_run, poison_loader
 from .io import write_json, write_text
+from .trigger import scan
 
 SETTINGS = {"1pct": None, "oneshot": 1}
 
@@ -53,6 +54,16 @@ def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str,
     for setting in dict.fromkeys(r["setting"] for r in rows):
         n = next(r["clean_samples"] for r in rows if r["setting"] == setting)
         md += [f"## {setting} ({n} clean images)", ""] + _table(rows, defenses, setting) + [""]
+    sig = [r for r in rows if "trigger_anomaly" in r]
+    if sig:
+        md += ["## poison-free signal (trigger scan of the defended model) next to ASR", "",
+               "Anomaly index of the smallest synthesized trigger (Neural Cleanse MAD rule: above 2 = a class is "
+               "reachable with an abnormally small trigger, i.e. a backdoor is likely still there) and its class.", "",
+               "| attack | setting | defense | ASR % | anomaly | suspect class | trigger L1 / median |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in sig:
+            md.append(f"| {r['attack']} | {r['setting']} | {r['defense']} | {100 * r['asr']:.2f} | {r['trigger_anomaly']:.2f} | "
+                      f"{r['trigger_suspect']} | {r['trigger_norm']:.1f} / {r['trigger_median_norm']:.1f} |")
+        md.append("")
     md += ["## seconds per defense (2 CPU cores)", "", "| attack | setting | " + " | ".join(defenses) + " |",
            "|---|---|" + "---:|" * len(defenses)]
     for (a, s) in dict.fromkeys((r["attack"], r["setting"]) for r in rows):
@@ -75,7 +86,8 @@ def run_grid(args) -> List[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = ("nft-fast grid " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                          if k in ("attacks", "defenses", "settings", "arch", "width", "epochs", "train_subset", "seed", "out") and v is not None))
+                                          if k in ("attacks", "defenses", "settings", "arch", "width", "epochs", "train_subset", "seed", "signal", "out") and v is not None))
+    signal_for = [d for d in (getattr(args, "signal", None) or "").split(",") if d]
     rows: List[dict] = []
     for attack in attacks:
         spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=args.arch, width=args.width,
@@ -94,6 +106,10 @@ def run_grid(args) -> List[dict]:
                 row = {"attack": attack, "setting": setting, "defense": d, "clean_samples": int(x.shape[0]),
                        "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "seconds": seconds,
                        "acc_before": base["acc"], "asr_before": base["asr"], "ra_before": base["ra"]}
+                if d in signal_for:  # the poison-free trust signal, next to the ASR it should track
+                    sig = scan(model, x, y, steps=args.signal_steps, seed=args.seed).summary()
+                    row.update({k: sig[k] for k in ("trigger_anomaly", "trigger_suspect", "trigger_norm",
+                                                    "trigger_median_norm")})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_tables(rows, defenses, out, command)
