@@ -46,6 +46,10 @@ class NFTConfig:
     trigger_steps: int = 150
     trigger_l1: float = 0.01
     trigger_refresh: bool = True
+    # Unlearn only when the scan's anomaly index reaches this value (0: always); the
+    # "auto" preset uses Neural Cleanse's 2.0, so a model without an anomalously small
+    # trigger gets the plain reference objective.
+    trigger_min_anomaly: float = 0.0
     # Re-estimate BatchNorm running statistics on the unmixed clean set after the last
     # round (MixUp batches have a smaller variance than real inputs).
     bn_recalibrate: bool = False
@@ -65,7 +69,7 @@ class NFTConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(f"{name} must be a positive integer, got {v!r}")
         for name in ("lr", "momentum", "eta_min", "mixup_alpha", "reg_coef", "floor_alpha", "floor_beta",
-                     "adv_eps", "adv_weight", "trigger_weight", "trigger_l1"):
+                     "adv_eps", "adv_weight", "trigger_weight", "trigger_l1", "trigger_min_anomaly"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a finite non-negative number, got {v!r}")
@@ -94,7 +98,9 @@ class NFTConfig:
     def preset(cls, name: str, **overrides) -> "NFTConfig":
         """A named configuration: ``"reference"`` (the paper's settings, ``NFTConfig()``) or
         ``"strong"`` (trigger unlearning added to the mask objective; docs/purification.md
-        gives the ablations behind each choice). ``overrides`` replace single fields."""
+        gives the ablations behind each choice) or ``"auto"`` (strong when the clean-set
+        trigger scan finds an anomalous class, the reference otherwise). ``overrides``
+        replace single fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -109,5 +115,6 @@ class NFTConfig:
 #: Named configurations (:meth:`NFTConfig.preset`).
 PRESETS = {
     "reference": {},
-    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True},
+    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True},
 }
+PRESETS["auto"] = dict(PRESETS["strong"], trigger_min_anomaly=2.0)

@@ -313,8 +313,10 @@ def purify(
     if cfg.trigger_weight > 0:
         xs, ys = gather(clean_data)
         found = scan(model, xs, ys, **_scan_kw(cfg))
-        purifier.triggers = found.ranked()[: cfg.trigger_top]
         trig_info = found.summary()
+        trig_info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
+        if trig_info["trigger_unlearning"]:
+            purifier.triggers = found.ranked()[: cfg.trigger_top]
         trig_info["trigger_seconds"] = time.perf_counter() - t_start
     bar = progress_bar(cfg.steps, "NFT", progress)
     with fork_rng(purifier.device):

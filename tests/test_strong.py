@@ -172,3 +172,19 @@ def test_adversarial_signal_runs_and_reports(toy_backdoor):
     s = nft_fast.evaluation.adversarial_signal(model, xc, yc, eps=0.1, steps=2)
     assert 0 <= s["adv_acc"] <= s["clean_acc"] + 1e-6 and 0 <= s["adv_top_share"] <= 1
     assert s["adv_top_class"] in range(4)
+
+
+def test_auto_skips_unlearning_without_an_anomaly(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    cfg = nft_fast.NFTConfig.preset("auto", steps=4, rounds=2, batch_size=16, trigger_steps=5, trigger_min_anomaly=1e9)
+    assert nft_fast.NFTConfig.preset("auto").trigger_min_anomaly == 2.0
+    res = nft_fast.purify(model, TensorDataset(xc, yc), cfg, progress=False)
+    assert res.history[0]["scan"]["trigger_unlearning"] is False
+    assert not any("trigger_norm" in h for h in res.history)
+    ref = nft_fast.purify(model, TensorDataset(xc, yc), nft_fast.NFTConfig(steps=4, rounds=2, batch_size=16,
+                                                                            bn_recalibrate=True), progress=False)
+    assert torch.allclose(flat_masks(res.model), flat_masks(ref.model))  # the reference objective, same draws
+
+
+def flat_masks(m):
+    return torch.cat([p.detach().flatten() for p in nft_fast.mask_parameters(m)])
