@@ -115,6 +115,7 @@ class NFTConfig:
 #: Named configurations (:meth:`NFTConfig.preset`).
 PRESETS = {
     "reference": {},
-    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True},
+    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True,
+               "steps": 400, "rounds": 2, "reg_coef": 0.05},
 }
 PRESETS["auto"] = dict(PRESETS["strong"], trigger_min_anomaly=2.0)

@@ -59,10 +59,13 @@ def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str,
         md += ["## poison-free signal (trigger scan of the defended model) next to ASR", "",
                "Anomaly index of the smallest synthesized trigger (Neural Cleanse MAD rule: above 2 = a class is "
                "reachable with an abnormally small trigger, i.e. a backdoor is likely still there) and its class.", "",
-               "| attack | setting | defense | ASR % | anomaly | suspect class | trigger L1 / median |", "|---|---|---|---:|---:|---:|---:|"]
+               "| attack | setting | defense | anomaly before (suspect) | ASR % after | anomaly after | suspect after | "
+               "trigger L1 / median after |", "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in sig:
-            md.append(f"| {r['attack']} | {r['setting']} | {r['defense']} | {100 * r['asr']:.2f} | {r['trigger_anomaly']:.2f} | "
-                      f"{r['trigger_suspect']} | {r['trigger_norm']:.1f} / {r['trigger_median_norm']:.1f} |")
+            before = f"{r['anomaly_before']:.2f} ({r['suspect_before']})" if "anomaly_before" in r else "-"
+            md.append(f"| {r['attack']} | {r['setting']} | {r['defense']} | {before} | {100 * r['asr']:.2f} | "
+                      f"{r['trigger_anomaly']:.2f} | {r['trigger_suspect']} | {r['trigger_norm']:.1f} / "
+                      f"{r['trigger_median_norm']:.1f} |")
         md.append("")
     md += ["## seconds per defense (2 CPU cores)", "", "| attack | setting | " + " | ".join(defenses) + " |",
            "|---|---|" + "---:|" * len(defenses)]
@@ -106,6 +109,10 @@ def run_grid(args) -> List[dict]:
                 row = {"attack": attack, "setting": setting, "defense": d, "clean_samples": int(x.shape[0]),
                        "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "seconds": seconds,
                        "acc_before": base["acc"], "asr_before": base["asr"], "ra_before": base["ra"]}
+                scan0 = next((h["scan"] for h in res.history if isinstance(h, dict) and "scan" in h), None)
+                if scan0:  # the purifier's own scan of the backdoored model
+                    row["anomaly_before"] = scan0["trigger_anomaly"]
+                    row["suspect_before"] = scan0["trigger_suspect"]
                 if d in signal_for:  # the poison-free trust signal, next to the ASR it should track
                     sig = scan(model, x, y, steps=args.signal_steps, seed=args.seed).summary()
                     row.update({k: sig[k] for k in ("trigger_anomaly", "trigger_suspect", "trigger_norm",

@@ -39,7 +39,7 @@ def toy_backdoor():
 def test_presets():
     assert NFTConfig_eq(nft_fast.NFTConfig.preset("reference"), nft_fast.NFTConfig())
     s = nft_fast.NFTConfig.preset("strong")
-    assert s.trigger_weight > 0 and s.steps == 1000 and s.lr == 0.05  # the reference schedule, plus unlearning
+    assert s.trigger_weight > 0 and s.bn_recalibrate and s.lr == 0.05
     assert nft_fast.NFTConfig.preset("strong", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         nft_fast.NFTConfig.preset("fast")
