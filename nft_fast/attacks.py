@@ -54,15 +54,18 @@ class Attack:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items() if k != 'name')})"
 
     # --- randomness -----------------------------------------------------------------
+    clips = False  # whether apply() also takes (N, C, T, H, W) clips
+
     def _gen(self, stream: int) -> torch.Generator:
         """An independent CPU generator per purpose (0: trigger, 1: selection, 2: noise, 3: nets)."""
         return torch.Generator().manual_seed((self.seed * 0x9E3779B1 + stream) % (2 ** 63))
 
     def _trigger(self, x: Tensor) -> Any:
         """The trigger for images shaped like ``x`` (built once per ``(C, H, W)``, on CPU)."""
-        if x.dim() != 4:
-            raise ValueError(f"{self.name}: expected images (N, C, H, W), got shape {tuple(x.shape)}")
-        key = tuple(x.shape[1:])
+        if x.dim() != 4 and not (x.dim() == 5 and self.clips):
+            what = "images (N, C, H, W) or clips (N, C, T, H, W)" if self.clips else "images (N, C, H, W)"
+            raise ValueError(f"{self.name}: expected {what}, got shape {tuple(x.shape)}")
+        key = (x.shape[1],) + tuple(x.shape[-2:])  # a clip gets the same trigger on every frame
         if key not in self._cache:
             self._cache[key] = self._make(*key)
         return self._cache[key]
@@ -151,7 +154,10 @@ class Attack:
 # --- static attacks -------------------------------------------------------------------
 
 class _CornerPatch(Attack):
-    """A ``(C, s, s)`` patch put at the bottom-right corner, blended with ``alpha``."""
+    """A ``(C, s, s)`` patch put at the bottom-right corner, blended with ``alpha`` (on every
+    frame of a ``(N, C, T, H, W)`` clip: a clip-level trigger)."""
+
+    clips = True
 
     def _patch(self, c: int, h: int, w: int) -> Tensor:
         raise NotImplementedError
@@ -165,6 +171,7 @@ class _CornerPatch(Attack):
     def apply(self, x: Tensor) -> Tensor:
         p = self._trigger(x).to(x)
         s, a = p.shape[-1], float(self.alpha)
+        p = p.view(p.shape[:1] + (1,) * (x.dim() - 4) + p.shape[1:])
         out = x.clone()
         out[..., -s:, -s:] = (1 - a) * x[..., -s:, -s:] + a * p
         return out

@@ -152,6 +152,13 @@ def run_purify(args, title: str = "NFT purification") -> dict:
         "before": before, "after": dict(after, seconds=result.seconds), "history": result.history,
         "outputs": {"model": str(out / "purified.safetensors"), "masks": str(out / "masks.safetensors")},
     }
+    scan0 = next((h["scan"] for h in result.history if "scan" in h), None)
+    if scan0 is not None:  # the poison-free signal: the same scan on the purified model
+        from .trigger import scan
+
+        after_scan = scan(plain, x, y, steps=cfg.trigger_steps, l1=cfg.trigger_l1, batch_size=cfg.batch_size,
+                          seed=cfg.seed).summary()
+        report["signal"] = {"before": scan0, "after": after_scan}
     masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
     write_report(out, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
     return report
@@ -210,7 +217,7 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), progress=not args.no_progress, data_dir=args.data_dir)
+    run_demo(Path(args.out), progress=not args.no_progress, data_dir=args.data_dir, preset=args.preset)
     return 0
 
 
@@ -299,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (or reuse a cached) BadNets PreActResNet-18 on Fashion-MNIST, purify it with NFT "
                                    "on 1%% clean data and print ACC/ASR/RA before and after; writes a report folder.")
     d.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
+    d.add_argument("--preset", choices=tuple(PRESETS), default="strong",
+                   help="NFT configuration (default strong; reference = the paper's settings)")
     d.add_argument("--no-progress", action="store_true")
     _add_data_dir(d)
     d.set_defaults(func=cmd_demo)

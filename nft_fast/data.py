@@ -206,3 +206,30 @@ def toy_images(n: int, num_classes: int = 10, size: int = 16, channels: int = 1,
     shifts = torch.randint(-1, 2, (n, 2), generator=g)
     x = torch.stack([torch.roll(xi, tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)])
     return x.clamp(0, 1), y
+
+
+#: Motion directions of :func:`moving_shapes` (class k moves by ``MOTIONS[k]`` pixels per frame).
+MOTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1))
+
+
+def moving_shapes(n: int, frames: int = 8, size: int = 16, obj: int = 4, noise: float = 0.1,
+                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic-motion video task: ``(n, 1, frames, size, size)`` clips in [0, 1] of a bright
+    ``obj``-pixel square crossing a noisy background; the label (8 classes) is its direction of
+    motion (:data:`MOTIONS`), so no single frame tells the class -- the network must use time.
+    Start positions and brightness are random; the square stays inside the frame."""
+    if size < obj + frames:
+        raise ValueError(f"moving_shapes: size {size} is too small for a {obj}-pixel square moving {frames} frames")
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(len(MOTIONS), (n,), generator=g)
+    x = noise * torch.rand(n, 1, frames, size, size, generator=g)
+    span = size - obj - (frames - 1)
+    for i in range(n):
+        dx, dy = MOTIONS[int(y[i])]
+        r0 = int(torch.randint(span + 1, (1,), generator=g)) + (frames - 1 if dy < 0 else 0)
+        c0 = int(torch.randint(span + 1, (1,), generator=g)) + (frames - 1 if dx < 0 else 0)
+        v = 0.6 + 0.4 * float(torch.rand(1, generator=g))
+        for t in range(frames):
+            r, c = r0 + dy * t, c0 + dx * t
+            x[i, 0, t, r:r + obj, c:c + obj] = v
+    return x, y

@@ -25,7 +25,7 @@ from . import models
 from .evaluation import evaluate
 from .io import load_into, load_state_dict, save_state_dict, write_json
 
-DATASETS = ("fashion-mnist",)
+DATASETS = ("fashion-mnist", "moving-shapes")
 
 
 @dataclass
@@ -64,6 +64,10 @@ def load_dataset(name: str, root=None) -> Tuple[torch.Tensor, torch.Tensor, torc
         xtr, ytr = D.fashion_mnist("train", root)
         xte, yte = D.fashion_mnist("test", root)
         return xtr, ytr, xte, yte, 10
+    if name == "moving-shapes":  # synthetic-motion clips for the video (R3D) experiments
+        xtr, ytr = D.moving_shapes(10000, seed=0)
+        xte, yte = D.moving_shapes(2000, seed=1)
+        return xtr, ytr, xte, yte, len(D.MOTIONS)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 

@@ -104,6 +104,17 @@ def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]]
     files = [out / "report.json", out / "report.md"]
     rows = {"backdoored": report.get("before", {}), "NFT purified": report.get("after", {})}
     md = [f"# {title}", "", metrics_table(rows), ""]
+    sig = report.get("signal")
+    if sig:
+        b, a = sig["before"], sig["after"]
+        md += ["## Poison-free signal (trigger scan of the clean set)", "",
+               "The smallest trigger found per class; anomaly index above 2 (Neural Cleanse's rule) means one class "
+               "is reachable with an abnormally small trigger: a backdoor is likely still there.", "",
+               "| model | anomaly index | suspect class | its trigger L1 | median L1 |", "|---|---:|---:|---:|---:|",
+               f"| backdoored | {b['trigger_anomaly']:.2f} | {b['trigger_suspect']} | {b['trigger_norm']:.1f} | "
+               f"{b['trigger_median_norm']:.1f} |",
+               f"| purified | {a['trigger_anomaly']:.2f} | {a['trigger_suspect']} | {a['trigger_norm']:.1f} | "
+               f"{a['trigger_median_norm']:.1f} |", ""]
     try:
         _plt()
         have_plt = True

@@ -30,7 +30,8 @@ __all__ = ["Trigger", "ScanResult", "synthesize", "scan"]
 
 @dataclass
 class Trigger:
-    """A synthesized trigger for class ``target``: ``mask`` (1, H, W) and ``pattern`` (C, H, W)."""
+    """A synthesized trigger for class ``target``: ``mask`` (1, *S) and ``pattern`` (C, *S) for
+    inputs ``(N, C, *S)`` (S = (H, W) for images, (T, H, W) for clips)."""
 
     target: int
     mask: torch.Tensor
@@ -110,7 +111,7 @@ def synthesize(
         raise ValueError(f"synthesize: the clean set has no samples outside class {target}")
     device = model_device(model)
     lo, hi = float(x.min()), float(x.max())
-    c, h, w = x.shape[1], x.shape[-2], x.shape[-1]
+    c, spatial = x.shape[1], tuple(x.shape[2:])  # clips: a mask per frame and pixel
     gen = torch.Generator().manual_seed(seed)
     if init is not None:
         m0 = init.mask.clamp(1e-3, 1 - 1e-3)
@@ -118,8 +119,8 @@ def synthesize(
         m_logit = torch.logit(m0).to(device).clone()
         p_logit = torch.logit(p0).to(device).clone()
     else:
-        m_logit = torch.full((1, h, w), -3.0, device=device)
-        p_logit = (torch.rand((c, h, w), generator=gen) * 2 - 1).to(device)
+        m_logit = torch.full((1,) + spatial, -3.0, device=device)
+        p_logit = (torch.rand((c,) + spatial, generator=gen) * 2 - 1).to(device)
     m_logit.requires_grad_(True)
     p_logit.requires_grad_(True)
     opt = torch.optim.Adam([m_logit, p_logit], lr=lr, betas=(0.5, 0.9))

@@ -215,3 +215,17 @@ def test_badnets_training_reaches_high_asr():
     xp, yp, ytg = atk.poison_test(xt, yt)
     res = evaluate(model, [(xt, yt)], [(xp, yp, ytg)])
     assert res["acc"] > 0.9 and res["asr"] > 0.8, res
+
+
+def test_patch_attacks_stamp_every_frame_of_a_clip():
+    from nft_fast.attacks import BadNets, Blend, Trojan
+
+    x = torch.rand(3, 1, 5, 12, 12)
+    for cls in (BadNets, Trojan):
+        a = cls(target=0, num_classes=4)
+        xt = a.apply(x)
+        frames = [a.apply(x[:, :, t]) for t in range(5)]  # the image trigger, frame by frame
+        assert all(torch.equal(xt[:, :, t], f) for t, f in enumerate(frames))
+        assert not torch.equal(xt, x)
+    with pytest.raises(ValueError, match=r"images \(N, C, H, W\), got shape"):
+        Blend(target=0, num_classes=4).apply(x)

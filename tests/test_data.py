@@ -95,3 +95,20 @@ def test_check_clean_set_errors():
     bad[2, 0, 0, 0] = float("inf")
     with pytest.raises(D.DataError, match="NaN/inf"):
         D.check_clean_set(bad, y, 3)
+
+
+def test_moving_shapes_label_is_the_motion():
+    x, y = D.moving_shapes(64, frames=6, size=14, obj=3, seed=3)
+    assert x.shape == (64, 1, 6, 14, 14) and float(x.min()) >= 0 and float(x.max()) <= 1
+    for i in range(64):
+        # centre of mass of the bright square per frame moves by MOTIONS[y] each frame
+        f = (x[i, 0] > 0.5).float()
+        rows = torch.arange(14).float()
+        r = (f.sum(2) * rows).sum(1) / f.sum((1, 2))
+        c = (f.sum(1) * rows).sum(1) / f.sum((1, 2))
+        dx, dy = D.MOTIONS[int(y[i])]
+        assert torch.allclose(r[1:] - r[:-1], torch.full((5,), float(dy))), i
+        assert torch.allclose(c[1:] - c[:-1], torch.full((5,), float(dx))), i
+    assert torch.equal(D.moving_shapes(8, seed=1)[0], D.moving_shapes(8, seed=1)[0])
+    with pytest.raises(ValueError, match="too small"):
+        D.moving_shapes(2, frames=8, size=10, obj=4)
