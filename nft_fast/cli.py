@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attacks", default="badnets,blend,trojan,sig,wanet,inputaware")
     g.add_argument("--defenses", default="none,ft,ft_mixup,anp,nft")
     g.add_argument("--settings", default="1pct,oneshot")
+    g.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "moving-shapes"),
+                   help="moving-shapes: synthetic-motion clips for a video net (--arch r3d18)")
     g.add_argument("--arch", default="preactresnet18")
     g.add_argument("--width", type=int, default=8)
     g.add_argument("--epochs", type=int, default=5)

@@ -46,8 +46,9 @@ def _table(rows: List[dict], defenses: List[str], setting: str) -> List[str]:
     return out
 
 
-def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str, note: str = "") -> None:
-    md = ["# Fashion-MNIST backdoor grid", "",
+def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str, note: str = "",
+                 title: str = "Fashion-MNIST") -> None:
+    md = [f"# {title} backdoor grid", "",
           "Per cell: ACC / ASR / RA in %. `none` is the backdoored model. Last row: average ASR drop / ACC drop in "
           "points over the attacks (the paper's Table 1 reports 95.56 / 1.81 for NFT on CIFAR-10).", "",
           f"Regenerate: `{command}`", ""] + ([note, ""] if note else [])
@@ -89,11 +90,12 @@ def run_grid(args) -> List[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = ("nft-fast grid " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                          if k in ("attacks", "defenses", "settings", "arch", "width", "epochs", "train_subset", "seed", "signal", "out") and v is not None))
+                                          if k in ("attacks", "defenses", "settings", "dataset", "arch", "width", "epochs", "train_subset", "seed", "signal", "out") and v is not None))
     signal_for = [d for d in (getattr(args, "signal", None) or "").split(",") if d]
     rows: List[dict] = []
     for attack in attacks:
         spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=args.arch, width=args.width,
+                            dataset=getattr(args, "dataset", None) or "fashion-mnist",
                             epochs=args.epochs, seed=args.seed, train_subset=args.train_subset)
         run = cached_run(spec, args.data_dir, progress=not args.no_progress)
         test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)
@@ -119,5 +121,5 @@ def run_grid(args) -> List[dict]:
                                                     "trigger_median_norm")})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                write_tables(rows, defenses, out, command)
+                write_tables(rows, defenses, out, command, title=f"{spec.dataset} / {spec.arch} (width {spec.width})")
     return rows

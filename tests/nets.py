@@ -117,3 +117,30 @@ def user_sequential(num_classes=4, norm2d=nn.BatchNorm2d, norm1d=nn.BatchNorm1d)
         nn.Linear(24, 16), nn.ReLU(),
         nn.Linear(16, num_classes),
     )
+
+
+def toy_backdoor(seed: int = 0):
+    """A width-4 ResNet-18 trained on 12x12 toy images with a BadNets backdoor to class 0
+    (rate 0.3, 5 epochs: learnt on every seed and thread count tried).
+
+    Returns ``(model, (x_clean, y_clean), test_loader, poison_loader)``; the poison loader
+    yields ``(x, y_true)`` of non-target test images (evaluate with ``target=0``)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nft_fast import data as D
+    from nft_fast import models
+    from nft_fast.attacks import BadNets
+    from nft_fast.train import train_classifier
+
+    xtr, ytr = D.toy_images(1200, num_classes=4, size=12, seed=0)
+    attack = BadNets(target=0, num_classes=4)
+    xtr, ytr, _ = attack.poison_train(xtr, ytr, rate=0.3)
+    torch.manual_seed(seed)
+    model = models.build("resnet18", num_classes=4, in_channels=1, width=4, image_size=12)
+    train_classifier(model, TensorDataset(xtr, ytr), epochs=5, batch_size=32, lr=0.05, progress=False)
+    xc, yc = D.toy_images(100, num_classes=4, size=12, seed=1)
+    xte, yte = D.toy_images(400, num_classes=4, size=12, seed=2)
+    keep = yte != 0
+    test = DataLoader(TensorDataset(xte, yte), batch_size=200)
+    poison = DataLoader(TensorDataset(attack.apply(xte[keep]), yte[keep]), batch_size=200)
+    return model, (xc, yc), test, poison

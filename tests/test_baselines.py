@@ -7,12 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import nets
 import nft_fast
-from nft_fast.attacks import BadNets
 from nft_fast import baselines as B
 from nft_fast import data as D
 from nft_fast import models
-from nft_fast.train import train_classifier
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -198,16 +197,7 @@ def test_anp_is_seeded_and_validates():
 
 
 def test_anp_lowers_the_attack_success_rate_of_a_real_backdoor():
-    xtr, ytr = D.toy_images(1200, num_classes=4, size=12, seed=0)
-    badnets = BadNets(target=0, num_classes=4)
-    xtr, ytr, _ = badnets.poison_train(xtr, ytr, rate=0.3)  # rate 0.3, 5 epochs: learnt on every seed and thread count tried
-    model = tiny_model()
-    train_classifier(model, TensorDataset(xtr, ytr), epochs=5, batch_size=32, lr=0.05, progress=False)
-    xc, yc = D.toy_images(100, num_classes=4, size=12, seed=1)
-    xte, yte = D.toy_images(400, num_classes=4, size=12, seed=2)
-    keep = yte != 0
-    test = DataLoader(TensorDataset(xte, yte), batch_size=200)
-    poison = DataLoader(TensorDataset(badnets.apply(xte[keep]), yte[keep]), batch_size=200)
+    model, (xc, yc), test, poison = nets.toy_backdoor()
     before = nft_fast.evaluate(model, test, poison, target=0)
     assert before["asr"] > 0.5, before  # the backdoor is there
     res = B.anp(model, TensorDataset(xc, yc), iters=50, batch_size=32, threshold=0.2, progress=False,
