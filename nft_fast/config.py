@@ -53,6 +53,9 @@ class NFTConfig:
     # Re-estimate BatchNorm running statistics on the unmixed clean set after the last
     # round (MixUp batches have a smaller variance than real inputs).
     bn_recalibrate: bool = False
+    # The reference divides reg_coef by N_c (clean samples per class), so one-shot data
+    # pulls the masks to 1 sixty times harder than 1% data; False uses reg_coef as is.
+    reg_per_class: bool = True
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:

@@ -165,7 +165,7 @@ class Purifier:
         else:
             loss.backward()
         reg = self.regularizer()
-        reg_scale = self.cfg.reg_coef / self.samples_per_class
+        reg_scale = self.cfg.reg_coef / (self.samples_per_class if self.cfg.reg_per_class else 1.0)
         ops.mask_update_(self._mask, self._grad, self._buf, self._floor, self.lr, self.cfg.momentum, reg_scale)
         self.steps_done += 1
         loss_v = float(loss.detach())

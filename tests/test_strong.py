@@ -172,3 +172,18 @@ def test_auto_skips_unlearning_without_an_anomaly(toy_backdoor):
 
 def flat_masks(m):
     return torch.cat([p.detach().flatten() for p in nft_fast.mask_parameters(m)])
+
+
+def test_reg_per_class_off_uses_reg_coef_as_is(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    out = []
+    for cfg, n_c in ((nft_fast.NFTConfig(reg_coef=0.3), 1.0), (nft_fast.NFTConfig(reg_coef=0.3, reg_per_class=False), 25.0),
+                     (nft_fast.NFTConfig(reg_coef=0.3), 25.0)):
+        m = copy.deepcopy(model)
+        nft_fast.attach_masks(m)
+        p = Purifier(m, cfg, samples_per_class=n_c)
+        for _ in range(3):
+            p.step(xc[:16], yc[:16], 0.6, perm)
+        out.append(p.flat_masks())
+    assert torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
