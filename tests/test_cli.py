@@ -343,3 +343,17 @@ def test_console_script_help():
     proc = subprocess.run([shutil.which("nft-fast"), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "purify" in proc.stdout
+
+
+def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
+    out = tmp_path / "strong"
+    argv = [a if a != files["out"] else out for a in purify_argv(files["ckpt"], files["data"], files["out"],
+                                                                  "--test-data", files["test"],
+                                                                  "--poison-data", files["poison"])]
+    rc, _, err = cli(*argv, "--preset", "strong")
+    assert rc == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["trigger_weight"] > 0 and report["config"]["bn_recalibrate"]
+    sig = report["signal"]
+    assert {"trigger_anomaly", "trigger_suspect", "trigger_norm"} <= sig["before"].keys() <= sig["after"].keys() | {"trigger_seconds", "trigger_unlearning"}
+    assert "Poison-free signal" in (out / "report.md").read_text()
