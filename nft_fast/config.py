@@ -46,6 +46,9 @@ class NFTConfig:
     trigger_steps: int = 150
     trigger_l1: float = 0.01
     trigger_refresh: bool = True
+    # > 0: also unlearn a whole-image Blend-style trigger of the suspect class (pattern
+    # learned under a uniform mask of this strength), alternating with the patch trigger.
+    trigger_blend: float = 0.0
     # Unlearn only when the scan's anomaly index reaches this value (0: always); the
     # "auto" preset uses Neural Cleanse's 2.0, so a model without an anomalously small
     # trigger gets the plain reference objective.
@@ -72,7 +75,7 @@ class NFTConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(f"{name} must be a positive integer, got {v!r}")
         for name in ("lr", "momentum", "eta_min", "mixup_alpha", "reg_coef", "floor_alpha", "floor_beta",
-                     "adv_eps", "adv_weight", "trigger_weight", "trigger_l1", "trigger_min_anomaly"):
+                     "adv_eps", "adv_weight", "trigger_weight", "trigger_l1", "trigger_min_anomaly", "trigger_blend"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a finite non-negative number, got {v!r}")

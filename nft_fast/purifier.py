@@ -317,6 +317,9 @@ def purify(
         trig_info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
         if trig_info["trigger_unlearning"]:
             purifier.triggers = found.ranked()[: cfg.trigger_top]
+            if cfg.trigger_blend > 0:
+                purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
+                                                 **_scan_kw(cfg)) for t in purifier.triggers]
         trig_info["trigger_seconds"] = time.perf_counter() - t_start
     bar = progress_bar(cfg.steps, "NFT", progress)
     with fork_rng(purifier.device):

@@ -38,6 +38,7 @@ class Trigger:
     pattern: torch.Tensor
     norm: float  # L1 norm of the mask (pixels)
     success: float  # fraction of other-class clean images sent to ``target``
+    kind: str = "patch"  # "patch": learned mask; "blend": a fixed uniform mask (Blend-style)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         m = self.mask.to(x.device, x.dtype)
@@ -99,13 +100,23 @@ def synthesize(
     batch_size: int = 128,
     seed: int = 0,
     init: Optional[Trigger] = None,
+    kind: str = "patch",
+    alpha: float = 0.2,
 ) -> Trigger:
     """The smallest mask/pattern sending clean images of other classes to ``target``.
 
     Minimises ``CE(model(x'), target) + l1 * |m|_1`` over ``steps`` Adam steps on random
     batches of the non-``target`` samples, with the model in ``eval()`` mode and its
     parameters untouched (``init`` warm-starts from an earlier trigger).
+    ``kind="blend"`` learns only the pattern, under a fixed uniform mask ``alpha`` (a
+    whole-image, low-amplitude trigger such as Blend's, which no small mask can express).
     """
+    if kind not in ("patch", "blend"):
+        raise ValueError(f"synthesize: kind must be 'patch' or 'blend', got {kind!r}")
+    if init is not None:
+        kind = init.kind
+        if kind == "blend":
+            alpha = float(init.mask.reshape(-1)[0])
     src = x[y != target]
     if src.shape[0] == 0:
         raise ValueError(f"synthesize: the clean set has no samples outside class {target}")
@@ -121,9 +132,10 @@ def synthesize(
     else:
         m_logit = torch.full((1,) + spatial, -3.0, device=device)
         p_logit = (torch.rand((c,) + spatial, generator=gen) * 2 - 1).to(device)
-    m_logit.requires_grad_(True)
+    fixed = torch.full((1,) + spatial, float(alpha), device=device)
+    m_logit.requires_grad_(kind == "patch")
     p_logit.requires_grad_(True)
-    opt = torch.optim.Adam([m_logit, p_logit], lr=lr, betas=(0.5, 0.9))
+    opt = torch.optim.Adam([m_logit, p_logit] if kind == "patch" else [p_logit], lr=lr, betas=(0.5, 0.9))
     was = model.training
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -134,15 +146,17 @@ def synthesize(
         for _ in range(steps):
             idx = torch.randint(src.shape[0], (min(batch_size, src.shape[0]),), generator=gen)
             xb = src[idx].to(device)
-            m = torch.sigmoid(m_logit)
+            m = torch.sigmoid(m_logit) if kind == "patch" else fixed
             p = lo + (hi - lo) * torch.sigmoid(p_logit)
             out = model((1 - m) * xb + m * p).float()
-            loss = F.cross_entropy(out, tgt_full[: xb.shape[0]]) + l1 * m.sum()
+            loss = F.cross_entropy(out, tgt_full[: xb.shape[0]])
+            if kind == "patch":
+                loss = loss + l1 * m.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
-            m = torch.sigmoid(m_logit).detach()
+            m = torch.sigmoid(m_logit).detach() if kind == "patch" else fixed
             p = (lo + (hi - lo) * torch.sigmoid(p_logit)).detach()
             hit = n = 0
             for i in range(0, src.shape[0], 512):
@@ -153,7 +167,7 @@ def synthesize(
         model.train(was)
         for prm, r in zip(model.parameters(), req):
             prm.requires_grad_(r)
-    return Trigger(target, m.cpu(), p.cpu(), float(m.sum()), hit / max(n, 1))
+    return Trigger(target, m.cpu(), p.cpu(), float(m.sum()), hit / max(n, 1), kind)
 
 
 def _anomaly(norms: Sequence[float]) -> List[float]:

@@ -187,3 +187,28 @@ def test_reg_per_class_off_uses_reg_coef_as_is(toy_backdoor):
             p.step(xc[:16], yc[:16], 0.6, perm)
         out.append(p.flat_masks())
     assert torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2])
+
+
+def test_blend_trigger(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    t = synthesize(model, xc, yc, 0, steps=20, kind="blend", alpha=0.3)
+    assert t.kind == "blend" and torch.all(t.mask == 0.3) and 0 <= t.success <= 1
+    assert float(t.pattern.min()) >= float(xc.min()) - 1e-6 and float(t.pattern.max()) <= float(xc.max()) + 1e-6
+    again = synthesize(model, xc, yc, 0, steps=3, init=t)  # warm start keeps kind and strength
+    assert again.kind == "blend" and torch.all(again.mask == 0.3)
+    with pytest.raises(ValueError, match="kind"):
+        synthesize(model, xc, yc, 0, steps=1, kind="warp")
+    cfg = nft_fast.NFTConfig.preset("strong", steps=4, rounds=2, batch_size=16, trigger_steps=5, trigger_blend=0.2)
+    seen = []
+    orig = Purifier.step
+
+    def spy(self, *a, **k):
+        seen.append([tr.kind for tr in self.triggers])
+        return orig(self, *a, **k)
+
+    Purifier.step = spy
+    try:
+        nft_fast.purify(model, TensorDataset(xc, yc), cfg, progress=False)
+    finally:
+        Purifier.step = orig
+    assert seen and all(k == ["patch", "blend"] for k in seen)
