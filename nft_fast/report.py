@@ -114,7 +114,11 @@ def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]]
                f"| backdoored | {b['trigger_anomaly']:.2f} | {b['trigger_suspect']} | {b['trigger_norm']:.1f} | "
                f"{b['trigger_median_norm']:.1f} |",
                f"| purified | {a['trigger_anomaly']:.2f} | {a['trigger_suspect']} | {a['trigger_norm']:.1f} | "
-               f"{a['trigger_median_norm']:.1f} |", ""]
+               f"{a['trigger_median_norm']:.1f} |", "",
+               "**Verdict: a backdoor is likely still there (the same class stays anomalous) -- do not ship this model.**"
+               if sig.get("backdoor_likely") else
+               "Verdict: no anomalously small trigger left for the suspect class (a large backdoor is unlikely; "
+               "this does not prove ASR is 0).", ""]
     try:
         _plt()
         have_plt = True

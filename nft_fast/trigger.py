@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ._loop import model_device
 
-__all__ = ["Trigger", "ScanResult", "synthesize", "scan"]
+__all__ = ["Trigger", "ScanResult", "synthesize", "scan", "backdoor_likely"]
 
 
 @dataclass
@@ -195,3 +195,10 @@ def scan(
         raise ValueError(f"scan needs at least 3 classes to compare trigger sizes, got {len(classes)}")
     triggers = [synthesize(model, x, y, int(k), **kw) for k in classes]
     return ScanResult(triggers, _anomaly([t.norm for t in triggers]))
+
+
+def backdoor_likely(before: Dict[str, float], after: Dict[str, float], threshold: float = 2.0) -> bool:
+    """The poison-free verdict on a purified model: its scan still finds an anomalously small
+    trigger (index above ``threshold``) for the class the backdoored model's scan suspected.
+    ``before``/``after`` are :meth:`ScanResult.summary` dicts (docs/purification.md measures it)."""
+    return after["trigger_anomaly"] > threshold and after["trigger_suspect"] == before["trigger_suspect"]

@@ -212,3 +212,12 @@ def test_blend_trigger(toy_backdoor):
     finally:
         Purifier.step = orig
     assert seen and all(k == ["patch", "blend"] for k in seen)
+
+
+def test_backdoor_likely_rule():
+    from nft_fast.trigger import backdoor_likely
+
+    before = {"trigger_anomaly": 3.4, "trigger_suspect": 0}
+    assert backdoor_likely(before, {"trigger_anomaly": 4.6, "trigger_suspect": 0})
+    assert not backdoor_likely(before, {"trigger_anomaly": 1.0, "trigger_suspect": 0})
+    assert not backdoor_likely(before, {"trigger_anomaly": 2.8, "trigger_suspect": 8})  # another class
