@@ -31,7 +31,7 @@ __all__ = ["Trigger", "ScanResult", "synthesize", "scan", "backdoor_likely"]
 @dataclass
 class Trigger:
     """A synthesized trigger for class ``target``: ``mask`` (1, *S) and ``pattern`` (C, *S) for
-    inputs ``(N, C, *S)`` (S = (H, W) for images, (T, H, W) for clips)."""
+    inputs ``(N, C, H, W)`` (S = (H, W)) or clips ``(N, C, T, H, W)`` (S = (1, H, W), shared by every frame)."""
 
     target: int
     mask: torch.Tensor
@@ -122,7 +122,10 @@ def synthesize(
         raise ValueError(f"synthesize: the clean set has no samples outside class {target}")
     device = model_device(model)
     lo, hi = float(x.min()), float(x.max())
-    c, spatial = x.shape[1], tuple(x.shape[2:])  # clips: a mask per frame and pixel
+    c = x.shape[1]
+    # clips (N, C, T, H, W): one mask and pattern shared by every frame (a clip-level
+    # trigger), broadcast over T -- per-frame masks make a planted trigger look 8x larger
+    spatial = (1,) + tuple(x.shape[-2:]) if x.dim() == 5 else tuple(x.shape[2:])
     gen = torch.Generator().manual_seed(seed)
     if init is not None:
         m0 = init.mask.clamp(1e-3, 1 - 1e-3)

@@ -221,3 +221,18 @@ def test_backdoor_likely_rule():
     assert backdoor_likely(before, {"trigger_anomaly": 4.6, "trigger_suspect": 0})
     assert not backdoor_likely(before, {"trigger_anomaly": 1.0, "trigger_suspect": 0})
     assert not backdoor_likely(before, {"trigger_anomaly": 2.8, "trigger_suspect": 8})  # another class
+
+
+def test_clip_triggers_are_shared_by_every_frame():
+    from nft_fast import data as D
+    from nft_fast import models
+
+    torch.manual_seed(0)
+    m = models.build("r3d18", num_classes=8, in_channels=1, width=2, image_size=16)
+    x, y = D.moving_shapes(24, seed=0)
+    t = synthesize(m, x, y, 0, steps=2, batch_size=8)
+    assert t.mask.shape == (1, 1, 16, 16) and t.pattern.shape == (1, 1, 16, 16)
+    xt = t.apply(x)
+    assert xt.shape == x.shape
+    # the same stamp on every frame: frame differences are the clip's own
+    assert torch.allclose((xt[:, :, 1:] - xt[:, :, :-1]), (1 - t.mask) * (x[:, :, 1:] - x[:, :, :-1]), atol=1e-6)
