@@ -11,6 +11,9 @@ from nft_fast.grid import _table
 root = Path(__file__).parent
 rows = json.loads((root / "grid" / "grid.json").read_text())
 new = json.loads((root / "grid_strong" / "grid.json").read_text())
+extra = root / "grid_oneshot" / "grid.json"  # one-shot baselines for the other attacks
+if extra.is_file():
+    new += [r for r in json.loads(extra.read_text()) if r["defense"] != "none"]
 seen = {(r["attack"], r["setting"], r["defense"]) for r in new}
 rows = [r for r in rows if (r["attack"], r["setting"], r["defense"]) not in seen] + new
 defenses = ["none", "ft", "ft_mixup", "anp", "nft", "nft_strong"]
