@@ -1,7 +1,8 @@
 """BatchNorm bookkeeping shared by every masked BN (mirrors ``nn.modules.batchnorm._BatchNorm.forward``)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -15,3 +16,22 @@ def bn_forward_args(bn) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     use_stats = not bn.training or bn.track_running_stats
     return (bn.running_mean if use_stats else None, bn.running_var if use_stats else None, bn_training, eaf)
+
+
+def bn_buffers(model: torch.nn.Module) -> List[torch.Tensor]:
+    """Every BatchNorm buffer of ``model`` (running mean/var, batch counter)."""
+    return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+@contextmanager
+def kept(buffers: List[torch.Tensor]) -> Iterator[None]:
+    """Restore ``buffers`` to their values at entry when the block exits (BN statistics left
+    untouched by extra train-mode forwards). Exit after any backward through those forwards:
+    batch_norm saves the running buffers for its backward."""
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import ops
+from ._bn import bn_buffers, kept
 from ._loop import Batches, fork_rng, model_device, progress_bar
 from .config import NFTConfig
-from .trigger import ScanResult, Trigger, scan, synthesize
+from .trigger import Trigger, scan, synthesize
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
 
 
@@ -77,8 +78,7 @@ class Purifier:
         # BN buffers are snapshotted around the adversarial forwards so running statistics
         # reflect the (MixUp) clean batches only, as in the reference.
         self.triggers: List[Trigger] = []  # unlearning triggers (NFTConfig.trigger_weight)
-        self._bn_buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                            for b in m.buffers()]
+        self._bn_buffers = bn_buffers(model)
         model.train()
 
     @property
@@ -146,22 +146,19 @@ class Purifier:
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
         use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
         if use_adv or use_trig:
-            saved = [b.clone() for b in self._bn_buffers]
-            total = loss
-            if use_adv:
-                extra["adv_loss"] = F.cross_entropy(self._forward(self.adversarial(x, y)), y)
-                total = total + self.cfg.adv_weight * extra["adv_loss"]
-            if use_trig:
-                trig = self.triggers[self.steps_done % len(self.triggers)]
-                keep = y != trig.target
-                if bool(keep.any()):
-                    xt = trig.apply(x[keep])
-                    extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
-                    total = total + self.cfg.trigger_weight * extra["trigger_loss"]
-            total.backward()
-            with torch.no_grad():  # after backward: batch_norm saved the buffers for it
-                for b, v in zip(self._bn_buffers, saved):
-                    b.copy_(v)
+            with kept(self._bn_buffers):  # restored after backward: batch_norm saved them for it
+                total = loss
+                if use_adv:
+                    extra["adv_loss"] = F.cross_entropy(self._forward(self.adversarial(x, y)), y)
+                    total = total + self.cfg.adv_weight * extra["adv_loss"]
+                if use_trig:
+                    trig = self.triggers[self.steps_done % len(self.triggers)]
+                    keep = y != trig.target
+                    if bool(keep.any()):
+                        xt = trig.apply(x[keep])
+                        extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
+                        total = total + self.cfg.trigger_weight * extra["trigger_loss"]
+                total.backward()
         else:
             loss.backward()
         reg = self.regularizer()

@@ -72,22 +72,6 @@ class ScanResult:
                 "trigger_median_norm": norms[len(norms) // 2], "trigger_success": t.success}
 
 
-class _BNFrozen:
-    """Run a model in train() or eval() mode with its BN running statistics left untouched."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.buffers = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-
-    def __enter__(self):
-        self.saved = [b.clone() for b in self.buffers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with torch.no_grad():
-            for b, v in zip(self.buffers, self.saved):
-                b.copy_(v)
-
-
 def synthesize(
     model: nn.Module,
     x: torch.Tensor,
