@@ -72,6 +72,22 @@ def evaluate(
     return out
 
 
+def pgd_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
+             steps: int, gen: torch.Generator, lo, hi) -> torch.Tensor:
+    """Untargeted L-inf PGD: a uniform random start in the ``eps`` ball (drawn on CPU from
+    ``gen``), then ``steps`` signed ascent steps of ``2.5 * eps / steps`` on ``CE(forward(x + d), y)``;
+    inputs are clamped to ``[lo, hi]``. Returns the detached adversarial batch (``x``'s layout)."""
+    d = torch.empty_like(x)
+    d.copy_((torch.rand(x.shape, generator=gen) * 2 - 1) * eps)
+    for _ in range(steps):
+        d.requires_grad_(True)
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(forward(torch.clamp(x + d, lo, hi)).float(), y)
+            g, = torch.autograd.grad(loss, d)
+        d = (d.detach() + (2.5 * eps / steps) * g.sign()).clamp_(-eps, eps)
+    return torch.clamp(x + d, lo, hi).detach()
+
+
 def adversarial_signal(
     model: nn.Module,
     x: torch.Tensor,
@@ -104,15 +120,9 @@ def adversarial_signal(
     try:
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            d = ((torch.rand(xb.shape, generator=gen) * 2 - 1) * eps).to(device, xb.dtype)
-            for _ in range(steps):
-                d.requires_grad_(True)
-                with torch.enable_grad():
-                    loss = torch.nn.functional.cross_entropy(model((xb + d).clamp(lo, hi)).float(), yb)
-                    g, = torch.autograd.grad(loss, d)
-                d = (d.detach() + (2.5 * eps / steps) * g.sign()).clamp_(-eps, eps)
+            xa = pgd_linf(model, xb, yb, eps, steps, gen, lo, hi)
             with torch.no_grad():
-                preds.append(model((xb + d).clamp(lo, hi)).argmax(1).cpu())
+                preds.append(model(xa).argmax(1).cpu())
                 clean_preds.append(model(xb).argmax(1).cpu())
     finally:
         model.train(was_training)

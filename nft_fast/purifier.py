@@ -23,6 +23,7 @@ from . import ops
 from ._bn import bn_buffers, kept
 from ._loop import Batches, fork_rng, model_device, progress_bar
 from .config import NFTConfig
+from .evaluation import pgd_linf
 from .trigger import Trigger, scan, synthesize
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
 
@@ -107,18 +108,7 @@ class Purifier:
         """An L-inf PGD perturbation of ``x`` (radius ``adv_eps``, ``adv_steps`` signed steps of
         ``2.5 * eps / steps`` from a uniform random start) maximising CE, clamped to the batch's
         value range. BN running statistics are left unchanged; no mask gradient is kept."""
-        eps, k = self.cfg.adv_eps, self.cfg.adv_steps
-        lo, hi = x.min(), x.max()
-        u = torch.rand(x.shape, generator=self._gen, dtype=torch.float32).to(self.device, x.dtype)
-        d = (u * 2 - 1).mul_(eps)
-        if self.channels_last and x.dim() == 4:
-            d = d.contiguous(memory_format=torch.channels_last)
-        for _ in range(k):
-            d.requires_grad_(True)
-            loss = F.cross_entropy(self._forward(torch.clamp(x + d, lo, hi)), y)
-            g, = torch.autograd.grad(loss, d)
-            d = (d.detach() + (2.5 * eps / k) * g.sign()).clamp_(-eps, eps)
-        return torch.clamp(x + d, lo, hi).detach()
+        return pgd_linf(self._forward, x, y, self.cfg.adv_eps, self.cfg.adv_steps, self._gen, x.min(), x.max())
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lam: Optional[float] = None,
              perm: Optional[torch.Tensor] = None) -> Dict[str, float]:
