@@ -154,10 +154,10 @@ def run_purify(args, title: str = "NFT purification") -> dict:
     }
     scan0 = next((h["scan"] for h in result.history if "scan" in h), None)
     if scan0 is not None:  # the poison-free signal: the same scan on the purified model
+        from .purifier import scan_kwargs
         from .trigger import backdoor_likely, scan
 
-        after_scan = scan(plain, x, y, steps=cfg.trigger_steps, l1=cfg.trigger_l1, batch_size=cfg.batch_size,
-                          seed=cfg.seed).summary()
+        after_scan = scan(plain, x, y, **scan_kwargs(cfg)).summary()
         report["signal"] = {"before": scan0, "after": after_scan, "backdoor_likely": backdoor_likely(scan0, after_scan)}
     masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
     write_report(out, report, masks, [cfg.floor(s.layer) for s in sites], title=title)

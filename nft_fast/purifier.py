@@ -245,7 +245,8 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> 
         model.train(was)
 
 
-def _scan_kw(cfg: NFTConfig) -> Dict[str, Any]:
+def scan_kwargs(cfg: NFTConfig) -> Dict[str, Any]:
+    """The keywords :func:`nft_fast.trigger.scan` / ``synthesize`` get from ``cfg``."""
     return {"steps": cfg.trigger_steps, "l1": cfg.trigger_l1, "batch_size": cfg.batch_size, "seed": cfg.seed}
 
 
@@ -297,16 +298,17 @@ def purify(
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
     trig_info: Dict[str, Any] = {}
-    if cfg.trigger_weight > 0:
+    if cfg.trigger_weight > 0 or cfg.bn_recalibrate:  # both need the clean set as tensors
         xs, ys = gather(clean_data)
-        found = scan(model, xs, ys, **_scan_kw(cfg))
+    if cfg.trigger_weight > 0:
+        found = scan(model, xs, ys, **scan_kwargs(cfg))
         trig_info = found.summary()
         trig_info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
         if trig_info["trigger_unlearning"]:
             purifier.triggers = found.ranked()[: cfg.trigger_top]
             if cfg.trigger_blend > 0:
                 purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
-                                                 **_scan_kw(cfg)) for t in purifier.triggers]
+                                                 **scan_kwargs(cfg)) for t in purifier.triggers]
         trig_info["trigger_seconds"] = time.perf_counter() - t_start
     bar = progress_bar(cfg.steps, "NFT", progress)
     with fork_rng(purifier.device):
@@ -317,7 +319,7 @@ def purify(
             t0 = time.perf_counter()
             if r > 0 and purifier.triggers and cfg.trigger_refresh:
                 # the masked model's remaining shortcut: warm-started, a third of the steps
-                kw = dict(_scan_kw(cfg), steps=max(1, cfg.trigger_steps // 3))
+                kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
                 purifier.triggers = [synthesize(model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
             losses, steps = 0.0, 0
             for x, y in batches.take(spr):
@@ -340,8 +342,6 @@ def purify(
             history.append(entry)
     bar.close()
     if cfg.bn_recalibrate:
-        if cfg.trigger_weight <= 0:
-            xs, ys = gather(clean_data)
         recalibrate_bn(model, xs, cfg.batch_size)
         if evaluate_fn is not None and history:
             history[-1].update({f"{k}_before_recalibration": v for k, v in history[-1].items()
