@@ -35,14 +35,18 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_version() -> Optional[str]:
-    try:
-        import triton
+_TRITON: Dict[str, Optional[str]] = {}  # a plain memo (not lru_cache): torch.compile traces through it
 
-        return triton.__version__
-    except Exception:
-        return None
+
+def _triton_version() -> Optional[str]:
+    if "v" not in _TRITON:
+        try:
+            import triton
+
+            _TRITON["v"] = triton.__version__
+        except Exception:
+            _TRITON["v"] = None
+    return _TRITON["v"]
 
 
 def triton_usable() -> bool:

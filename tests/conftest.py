@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+# Triton kernels run on CPU tensors under the interpreter when there is no GPU (CI). The
+# variable must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/nets.py
 
 
