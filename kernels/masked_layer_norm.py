@@ -35,6 +35,13 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _gamma(W, M, cols, cmask):
+    """Effective gamma ``weight * mask`` in fp32 for columns ``cols``."""
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    return w * tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fwd_fused_kernel(
     X, W, M, B, Y, MEAN, RSTD, N, D, eps,
     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -53,7 +60,7 @@ def _fwd_fused_kernel(
     var = tl.sum(xc * xc, axis=1) / D
     rstd = 1.0 / tl.sqrt(var + eps)
 
-    g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) * tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+    g = _gamma(W, M, cols, cmask)
     y = xc * rstd[:, None] * g[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -91,7 +98,7 @@ def _fwd_looped_kernel(
         cmask = cols < D
         mask2 = rmask[:, None] & cmask[None, :]
         x = tl.load(X + base + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
-        g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) * tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+        g = _gamma(W, M, cols, cmask)
         y = (x - mean[:, None]) * rstd[:, None] * g[None, :]
         if HAS_BIAS:
             y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -111,7 +118,7 @@ def _bwd_fused_kernel(
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     if NEED_DX:
-        g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) * tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+        g = _gamma(W, M, cols, cmask)
     acc1 = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_D], dtype=tl.float32)
     row_start = pid * rows_per_prog
@@ -163,7 +170,7 @@ def _bwd_dx_looped_kernel(
         mask2 = rmask[:, None] & cmask[None, :]
         dy = tl.load(DY + base + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
         x = tl.load(X + base + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
-        g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) * tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+        g = _gamma(W, M, cols, cmask)
         wdy = dy * g[None, :]
         a1 += tl.where(mask2, (x - mean[:, None]) * rstd[:, None], 0.0) * wdy
         a2 += wdy
@@ -175,7 +182,7 @@ def _bwd_dx_looped_kernel(
         mask2 = rmask[:, None] & cmask[None, :]
         dy = tl.load(DY + base + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
         x = tl.load(X + base + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
-        g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) * tl.load(M + cols, mask=cmask, other=0.0).to(tl.float32)
+        g = _gamma(W, M, cols, cmask)
         xhat = (x - mean[:, None]) * rstd[:, None]
         dx = (dy * g[None, :] - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(DX + base + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask2)

@@ -126,15 +126,17 @@ class Purifier:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         perm = perm.to(self.device)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x_mix = lam * x + (1 - lam) * x[perm]
+        # One pass builds the mixed batch in the layout the first layer wants, and one the
+        # loss with its logit gradient (fused kernels on the triton backend).
+        x_mix = ops.mixup_batch(x, perm, lam, channels_last=self.channels_last and x.dim() == 4)
         out = self._forward(x_mix)
-        loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
+        loss = ops.mixup_cross_entropy(out, y, perm, lam)
         self._grad.zero_()
         extra: Dict[str, torch.Tensor] = {}
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
         use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
+        if (use_adv or use_trig) and self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if use_adv or use_trig:
             with kept(self._bn_buffers):  # restored after backward: batch_norm saved them for it
                 total = loss

@@ -75,9 +75,12 @@ def test_mask_gradients_after_one_step(name, channels_last):
     g_ref = torch.cat([m.grad.reshape(-1) for m in R.mask_params(ref)])
     assert g_ref.abs().max() > 0
     # At m = 1 the regularizer's gradient is 0, so both hold the loss gradient only.
-    close(p._grad, g_ref, what=f"{name} mask grads")
+    # channels_last runs other convolution kernels than the reference's NCHW: their fp32
+    # summation order differs (seen: 2.2e-5 relative on 1 of 592 masks with one thread).
+    rtol = 1e-5 if channels_last is False else 5e-5
+    close(p._grad, g_ref, rtol=rtol, what=f"{name} mask grads")
     # The gradients land in the parameters' own .grad (views of the flat buffer).
-    close(torch.cat([m.grad.reshape(-1) for m in nft_fast.mask_parameters(fast)]), g_ref, what="param .grad")
+    close(torch.cat([m.grad.reshape(-1) for m in nft_fast.mask_parameters(fast)]), g_ref, rtol=rtol, what="param .grad")
 
 
 @pytest.mark.parametrize("name", PAIRS)

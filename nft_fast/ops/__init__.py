@@ -126,8 +126,9 @@ def implementations() -> Dict[str, tuple]:
 
 
 # Importing the op modules registers their implementations.
-from . import mask_update, masked_bn, masked_layer_norm, masked_neuron  # noqa: E402,F401
+from . import mask_update, masked_bn, masked_layer_norm, masked_neuron, mixup  # noqa: E402,F401
 from .mask_update import mask_update_  # noqa: E402,F401
 from .masked_bn import masked_batch_norm  # noqa: E402,F401
 from .masked_layer_norm import masked_layer_norm  # noqa: E402,F401
 from .masked_neuron import masked_conv, masked_linear  # noqa: E402,F401
+from .mixup import mixup_batch, mixup_cross_entropy  # noqa: E402,F401
