@@ -167,10 +167,11 @@ def _linear_colsum_kernel(
         tl.store(pb_ptr + out, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
-def _gemm_blocks(rows: int, cols: int, red: int) -> Tuple[int, int, int, int]:
+def _gemm_blocks(rows: int, cols: int, red: int, elem_size: int) -> Tuple[int, int, int, int]:
     bm = _clamp_pow2(rows, 16, 128)
     bn = _clamp_pow2(cols, 16, 128)
-    bk = _clamp_pow2(red, 16, 64)
+    # 3 pipeline stages of (bm + bn) x bk operands stay within ~100 KB of shared memory.
+    bk = _clamp_pow2(red, 16, 64 if elem_size <= 2 else 32)
     warps = 8 if bm * bn >= 128 * 128 else 4
     return bm, bn, bk, warps
 
@@ -191,7 +192,7 @@ def linear_fwd(
         if z is not None:
             z.zero_()
         return y, z
-    bm, bn, bk, warps = _gemm_blocks(M, N, K)
+    bm, bn, bk, warps = _gemm_blocks(M, N, K, x2.element_size())
     zz = z if z is not None else y
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _linear_fwd_kernel[grid](
@@ -214,7 +215,7 @@ def linear_dx(dy2: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> to
         return dx
     if N == 0:
         return dx.zero_()
-    bm, bk, bn, warps = _gemm_blocks(M, K, N)
+    bm, bk, bn, warps = _gemm_blocks(M, K, N, weight.element_size())
     grid = (triton.cdiv(M, bm) * triton.cdiv(K, bk),)
     _linear_dx_kernel[grid](
         dy2, weight, mask, dx,
@@ -248,7 +249,7 @@ def linear_colsums(
     pm = torch.empty((splits, N), dtype=torch.float32, device=dev) if need_dm else None
     pb = torch.empty((splits, N), dtype=torch.float32, device=dev) if need_db else None
     zz = z2 if need_dm else dy2
-    _linear_colsum_kernel[(splits, n_col)](
+    _linear_colsum_kernel[(splits, n_col)](  # (a stand-in pointer for an output not asked for)
         dy2, zz, pm if pm is not None else pb, pb if pb is not None else pm,
         M, N, rows,
         dy2.stride(0), dy2.stride(1), zz.stride(0), zz.stride(1),
@@ -408,10 +409,10 @@ def channel_bwd(
     rows = N * groups
     pm = torch.empty((rows, C), dtype=torch.float32, device=dev) if need_dm else None
     pb = torch.empty((rows, C), dtype=torch.float32, device=dev) if need_db else None
-    scratch = pm if pm is not None else pb
+    # Outputs not asked for get a harmless stand-in pointer (their stores are compiled out).
     _channel_bwd_kernel[(rows, n_c)](
         dyv, zv, mask, dzw if dzw is not None else dyv,
-        scratch if scratch is not None else mask, pb if pb is not None else (scratch if scratch is not None else mask),
+        pm if pm is not None else mask, pb if pb is not None else mask,
         C, S, groups, s_per_prog,
         sdn, sdc, sds, szn, szc, szs, sgn, sgc, sgs,
         NEED_DZ=need_dz, NEED_DM=need_dm, NEED_DB=need_db, BC=bc, BS=bs, num_warps=warps,

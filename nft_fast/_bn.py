@@ -18,6 +18,19 @@ def bn_forward_args(bn) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor],
     return (bn.running_mean if use_stats else None, bn.running_var if use_stats else None, bn_training, eaf)
 
 
+def norm_act(norm: torch.nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+             relu: bool = True) -> torch.Tensor:
+    """``relu(norm(x) + residual)`` (each part optional). A masked BatchNorm runs it as one
+    fused op (one pass on the triton backend); hooks on ``norm`` keep the plain call so they fire."""
+    fused = getattr(norm, "forward_fused", None)
+    if fused is not None and not (norm._forward_hooks or norm._forward_pre_hooks):
+        return fused(x, residual, relu)
+    y = norm(x)
+    if residual is not None:
+        y = y + residual
+    return torch.nn.functional.relu(y) if relu else y
+
+
 def bn_buffers(model: torch.nn.Module) -> List[torch.Tensor]:
     """Every BatchNorm buffer of ``model`` (running mean/var, batch counter)."""
     return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]

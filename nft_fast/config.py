@@ -25,8 +25,9 @@ class NFTConfig:
     floor_beta: float = 0.5
     seed: int = 0
     precision: str = "fp32"
-    # None: channels_last whenever the model has Conv2d layers (faster convolutions on
-    # CPU and GPU; numerically equivalent, not bit-identical, to NCHW).
+    # None: channels_last (channels_last_3d for Conv3d) whenever the model has Conv2d or
+    # Conv3d layers (faster convolutions on CPU and GPU; numerically equivalent, not
+    # bit-identical, to NCHW).
     channels_last: Optional[bool] = None
     # Extensions beyond the reference (all off by default; see docs/purification.md):
     # adversarial inputs inside the mask objective -- each step adds

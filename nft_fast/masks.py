@@ -29,9 +29,15 @@ class _MaskedBatchNorm:
     """``y = (gamma * m) * x_hat + beta``; running statistics as ``nn.BatchNorm``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.forward_fused(input)
+
+    def forward_fused(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                      relu: bool = False) -> torch.Tensor:
+        """``relu(self(input) + residual)`` in one op (see :func:`nft_fast._bn.norm_act`)."""
         self._check_input_dim(input)
         rm, rv, bn_training, eaf = bn_forward_args(self)
-        return ops.masked_batch_norm(input, rm, rv, self.weight, self.bias, self.neuron_mask, bn_training, eaf, self.eps)
+        return ops.masked_batch_norm(input, rm, rv, self.weight, self.bias, self.neuron_mask, bn_training, eaf, self.eps,
+                                     residual, relu)
 
     def _fold(self) -> None:
         self.weight.mul_(self.neuron_mask)

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._bn import norm_act
+
 NormLayer = Callable[[int], nn.Module]
 
 
@@ -46,11 +48,18 @@ class _Residual(nn.Module):
         self._shortcut_name = name
         setattr(self, name, sc)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    def pre_norm(self, x: torch.Tensor) -> Tuple[torch.Tensor, nn.Module]:
+        """The input of the residual branch's last norm, and that norm."""
         raise NotImplementedError
 
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        z, norm = self.pre_norm(x)
+        return norm(z)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.residual(x) + getattr(self, self._shortcut_name)(x))
+        # relu(norm(z) + shortcut): one fused op when the norm is masked
+        z, norm = self.pre_norm(x)
+        return norm_act(norm, z, getattr(self, self._shortcut_name)(x))
 
 
 class BasicBlock(_Residual):
@@ -66,8 +75,8 @@ class BasicBlock(_Residual):
         self.bn2 = norm_layer(planes)
         self._add_shortcut(in_planes, planes, stride, norm_layer, shortcut_name)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    def pre_norm(self, x: torch.Tensor) -> Tuple[torch.Tensor, nn.Module]:
+        return self.conv2(norm_act(self.bn1, self.conv1(x))), self.bn2
 
 
 class Bottleneck(_Residual):
@@ -87,10 +96,10 @@ class Bottleneck(_Residual):
         self.bn3 = norm_layer(4 * planes)
         self._add_shortcut(in_planes, 4 * planes, stride, norm_layer, shortcut_name)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return self.bn3(self.conv3(out))
+    def pre_norm(self, x: torch.Tensor) -> Tuple[torch.Tensor, nn.Module]:
+        out = norm_act(self.bn1, self.conv1(x))
+        out = norm_act(self.bn2, self.conv2(out))
+        return self.conv3(out), self.bn3
 
 
 class PreActBlock(nn.Module):
@@ -162,12 +171,12 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)
         if self.stem_type != "preact":
-            out = F.relu(self.bn1(out))
+            out = norm_act(self.bn1, out)
         if self.stem_type == "imagenet":
             out = F.max_pool2d(out, 3, 2, 1)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         if self.stem_type == "preact":
-            out = F.relu(self.bn(out))
+            out = norm_act(self.bn, out)
         # The reference uses avg_pool2d(out, 4), which equals this on 32x32 (and 28x28) inputs.
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return getattr(self, self._head_name)(out)
@@ -297,8 +306,8 @@ class BasicBlock3d(_Residual):
         self.conv2 = nn.Sequential(nn.Conv3d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm3d(cout))
         self._add_shortcut(cin, cout, stride, nn.BatchNorm3d, "downsample", nn.Conv3d)
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x))
+    def pre_norm(self, x: torch.Tensor) -> Tuple[torch.Tensor, nn.Module]:
+        return self.conv2[0](self.conv1(x)), self.conv2[1]
 
 
 class R3D(nn.Module):

@@ -52,9 +52,9 @@ class Purifier:
         for n, p in model.named_parameters():
             p.requires_grad_(n.rsplit(".", 1)[-1] == MASK_NAME)
         cl = self.cfg.channels_last
-        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules()) if cl is None else bool(cl)
+        self.channels_last = any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules()) if cl is None else bool(cl)
         if self.channels_last:
-            model.to(memory_format=torch.channels_last)
+            _to_channels_last(model)
         # One flat buffer holds every mask (the parameters become views of it), another
         # every gradient: autograd accumulates in place into the views, so the fused
         # update sees all masks and gradients as single contiguous tensors.
@@ -128,15 +128,15 @@ class Purifier:
         perm = perm.to(self.device)
         # One pass builds the mixed batch in the layout the first layer wants, and one the
         # loss with its logit gradient (fused kernels on the triton backend).
-        x_mix = ops.mixup_batch(x, perm, lam, channels_last=self.channels_last and x.dim() == 4)
+        x_mix = ops.mixup_batch(x, perm, lam, channels_last=self.channels_last)
         out = self._forward(x_mix)
         loss = ops.mixup_cross_entropy(out, y, perm, lam)
         self._grad.zero_()
         extra: Dict[str, torch.Tensor] = {}
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
         use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
-        if (use_adv or use_trig) and self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if (use_adv or use_trig) and self.channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         if use_adv or use_trig:
             with kept(self._bn_buffers):  # restored after backward: batch_norm saved them for it
                 total = loss
@@ -182,6 +182,18 @@ class PurifyResult:
 
     def masks(self) -> Dict[str, torch.Tensor]:
         return {s.name: s.mask.detach().clone() for s in mask_sites(self.model)}
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """4-D parameters/buffers to channels_last and 5-D ones to channels_last_3d, in place
+    (``model.to(memory_format=channels_last)`` refuses 5-D tensors)."""
+    with torch.no_grad():
+        for m in model.modules():
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is not None and t.dim() in (4, 5):
+                        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+                        t.data = t.data.contiguous(memory_format=fmt)
 
 
 def _infer_num_classes(model: nn.Module, x: torch.Tensor) -> int:

@@ -10,8 +10,13 @@ pytest.importorskip("triton")
 import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
 from nets import TinyViT, TVResNet, Video3D, user_sequential  # noqa: E402
+from nft_fast.models import build  # noqa: E402
 
 CASES = {
+    # nft_fast's own blocks run relu(bn(z) + shortcut) as one fused op (norm_act). Inputs are
+    # large enough that the last stage's batch statistics are not taken over a handful of
+    # values (tiny batches there make ten steps chaotic: fp32 noise grows to O(1)).
+    "nft_resnet18": (lambda: build("resnet18", 5, 3, width=4), (8, 3, 16, 16), 5, {"exclude": ("bn1",)}),
     "resnet": (lambda: TVResNet(num_classes=5, width=4), (6, 3, 16, 16), 5, {}),
     "resnet_neurons": (lambda: TVResNet(num_classes=5, width=4), (6, 3, 16, 16), 5, {"neurons": True, "mask_head": True}),
     "video3d": (lambda: Video3D(num_classes=4, width=3), (4, 3, 4, 8, 8), 4, {}),
@@ -28,8 +33,9 @@ def _run(case, backend, steps=10):
     x = torch.randn(shape, generator=g)
     y = torch.randint(0, k, (shape[0],), generator=g)
     nft_fast.attach_masks(model, example_input=x if kw.get("neurons") else None, **kw)
-    # a high learning rate so ten steps move the masks well away from their start
-    p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.5, seed=3), samples_per_class=2.0)
+    # lr 0.1 moves the masks well away from 1 in ten steps; much higher rates make these tiny
+    # nets chaotic (fp32 rounding differences of 1e-6 then grow to O(1) within ten steps)
+    p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.1, seed=3), samples_per_class=2.0)
     losses = []
     with nft_fast.use_backend(backend):
         for _ in range(steps):
@@ -59,3 +65,69 @@ def test_triton_backend_is_used():
             if "triton" in ops.implementations().get(op, ()):
                 seen.add(ops.resolved_backend(op, torch.device("cpu")))
     assert seen == {"triton"}
+
+
+@pytest.mark.parametrize("arch,shape,counts", [
+    # stem + 3 per block fuse the ReLU; 16 blocks fuse relu(bn3 + shortcut)
+    ("resnet50", (6, 3, 16, 16), {"fwd": 53, "bwd": 53, "relu": 49, "res": 16}),
+    # R3D: 8 blocks fuse relu(bn + shortcut); stem and conv1 norms sit in nn.Sequential (unfused)
+    ("r3d18", (4, 3, 4, 16, 16), {"fwd": 20, "bwd": 20, "relu": 8, "res": 8}),
+])
+def test_every_fused_bn_call_exact(arch, shape, counts, monkeypatch, one_thread):
+    """Inside a real ResNet-50 / R3D-18 step (bn + relu and relu(bn + shortcut) fused), every triton BN
+    forward and backward equals a float64 recomputation from the very tensors it was given.
+
+    (Whole-model gradients are no good test here: at test sizes a pre-activation within 1e-5
+    of zero flips its ReLU between any two fp32 paths, and then torch NCHW, torch
+    channels_last and triton each land 1e-5..3e-2 from float64 depending on the seed.)"""
+    from nft_fast.kernels import masked_bn as K
+
+    fwd, bwd, calls = K.forward, K.backward, {"fwd": 0, "bwd": 0, "relu": 0, "res": 0}
+
+    def ref_stats(x, eps):
+        xd = x.double()
+        dims = [0] + list(range(2, x.dim()))
+        mu = xd.mean(dims, keepdim=True)
+        var = xd.var(dims, unbiased=False, keepdim=True)
+        return xd, dims, mu, var, (xd - mu) / torch.sqrt(var + eps)
+
+    def spy_fwd(x, w, b, m, res, rm, rv, training, eps, relu):
+        out = fwd(x, w, b, m, res, rm, rv, training, eps, relu)
+        xd, dims, mu, var, xh = ref_stats(x, eps)
+        shp = [1, -1] + [1] * (x.dim() - 2)
+        y = xh * (w.double() * m.double()).view(shp) + b.double().view(shp)
+        y = y + res.double() if res is not None else y
+        y = y.clamp_min(0) if relu else y
+        torch.testing.assert_close(out[0].double(), y, rtol=1e-5, atol=1e-5 * y.abs().max().item())
+        calls["fwd"] += 1
+        calls["relu"] += relu
+        calls["res"] += res is not None
+        return out
+
+    def spy_bwd(dy, x, y, w, m, mean, rstd, training, relu, need_dx, need_dres):
+        out = bwd(dy, x, y, w, m, mean, rstd, training, relu, need_dx, need_dres)
+        xd, dims, mu, var, xh = ref_stats(x, 1e-5)
+        dz = torch.where(y > 0, dy.double(), 0.0) if relu else dy.double()
+        shp = [1, -1] + [1] * (x.dim() - 2)
+        sdzx = (dz * xh).sum(dims)
+        dm = w.double() * sdzx
+        torch.testing.assert_close(out[4].double(), dm, rtol=1e-5, atol=1e-5 * (dz.abs() * xh.abs()).sum(dims).max().item())
+        if need_dx:
+            g = (w.double() * m.double()).view(shp) / torch.sqrt(var + 1e-5)
+            dx = g * (dz - dz.mean(dims, keepdim=True) - xh * (dz * xh).mean(dims, keepdim=True))
+            torch.testing.assert_close(out[0].double(), dx, rtol=1e-5, atol=1e-5 * dx.abs().max().item())
+        if need_dres:
+            torch.testing.assert_close(out[1].double(), dz, rtol=0, atol=0)
+        calls["bwd"] += 1
+        return out
+
+    monkeypatch.setattr(K, "forward", spy_fwd)
+    monkeypatch.setattr(K, "backward", spy_bwd)
+    torch.manual_seed(1)
+    model = build(arch, 5, 3, width=4, image_size=shape[-1])
+    nft_fast.attach_masks(model)
+    p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.1, seed=3), samples_per_class=2.0)
+    x, y = torch.randn(shape), torch.randint(0, 5, (shape[0],))
+    with nft_fast.use_backend("triton"):
+        p.step(x, y)
+    assert calls == counts  # every masked BN ran through the kernels, forward and backward

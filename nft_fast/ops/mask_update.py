@@ -3,21 +3,30 @@
 Per element:  g = grad + reg_scale * sign(m - 1)      (d|1-m|/dm, 0 at m = 1)
               buf = momentum * buf + g                 (torch SGD, dampening 0; buf starts at 0)
               m = clamp(m - lr * buf, floor, 1)        (per-layer floor mu(l))
+
+``lr`` is a Python float or a 1-element float32 tensor on the buffers' device; the triton
+implementation reads a tensor ``lr`` on the device (no host sync: CUDA-graph safe).
 """
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
+from torch import Tensor
 
 from . import register, resolve
 
 
 def mask_update_torch(
     mask: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, floor: torch.Tensor,
-    lr: float, momentum: float, reg_scale: float,
+    lr: Union[float, Tensor], momentum: float, reg_scale: float,
 ) -> None:
     g = grad.add(torch.sign(mask - 1), alpha=reg_scale) if reg_scale else grad
     buf.mul_(momentum).add_(g)
-    mask.add_(buf, alpha=-lr)
+    if isinstance(lr, Tensor):  # read on the device: no host sync
+        mask.addcmul_(buf, lr.to(mask.dtype), value=-1)
+    else:
+        mask.add_(buf, alpha=-lr)
     torch.maximum(mask, floor, out=mask)
     mask.clamp_(max=1.0)
 
@@ -56,9 +65,53 @@ def mask_update_cuda(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
     )
 
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_lr(lr: Union[float, Tensor], mask: Tensor) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or lr.dtype != torch.float32 or lr.device != mask.device:
+            raise ValueError(f"mask_update: a tensor lr must be a 1-element float32 tensor on {mask.device}, "
+                             f"got {tuple(lr.shape)} {lr.dtype} on {lr.device}")
+
+
+@torch.library.custom_op("nft_fast::mask_update", mutates_args=("mask", "buf"))
+def mask_update_op(
+    mask: Tensor, grad: Tensor, buf: Tensor, floor: Tensor, lr_tensor: Optional[Tensor], lr: float,
+    momentum: float, reg_scale: float,
+) -> None:
+    """In-place Triton update of ``mask`` and ``buf``; the learning rate is ``lr_tensor`` (read on
+    the device) when given, else ``lr``."""
+    from .. import _build
+    from ..kernels import mask_update as K
+
+    _check_flat(mask, grad, buf, floor)
+    if mask.device.type != "cuda" and not _build.triton_interpret():
+        raise ValueError(f"mask_update: triton needs CUDA tensors (or TRITON_INTERPRET=1), got {mask.device}")
+    K.mask_update(mask, grad, buf, floor, lr_tensor if lr_tensor is not None else lr, momentum, reg_scale)
+
+
+@mask_update_op.register_fake
+def _(mask, grad, buf, floor, lr_tensor, lr, momentum, reg_scale):
+    return None
+
+
+def mask_update_triton(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
+    """Triton ``mask_update`` (same semantics as :func:`mask_update_torch`)."""
+    _check_flat(mask, grad, buf, floor)
+    if mask.dtype not in _FLOATS:
+        raise ValueError(f"mask_update: buffers must be float32/bfloat16/float16, got {mask.dtype}")
+    _check_lr(lr, mask)
+    if isinstance(lr, Tensor):
+        mask_update_op(mask, grad, buf, floor, lr.reshape(1), 0.0, float(momentum), float(reg_scale))
+    else:
+        mask_update_op(mask, grad, buf, floor, None, float(lr), float(momentum), float(reg_scale))
+
+
 register("mask_update", "torch", mask_update_torch)
 register("mask_update", "cpp", mask_update_cpp)
 register("mask_update", "cuda", mask_update_cuda)
+register("mask_update", "triton", mask_update_triton)
 
 
 def mask_update_(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:

@@ -101,3 +101,114 @@ def test_floor_schedule_values():
         opt.step()
         sch.step()
     assert math.isclose(cfg.steps_per_round, 200)
+
+
+# ---------------------------------------------------------------------------- triton
+
+needs_triton = pytest.mark.skipif(not ops.backend_available("triton"), reason="triton cannot run here")
+LR_CASES = [(0.05, 0.95, 2e-5), (3.0, 0.0, 0.0), (0.0229, 0.5, 0.1)]
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [1, 7, 4736, 100_003])
+@pytest.mark.parametrize("lr,mom,reg", LR_CASES)
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_triton_matches_torch(n, lr, mom, reg, lr_kind):
+    from nft_fast.ops.mask_update import mask_update_triton
+
+    a = inputs(n, seed=n + 1)
+    b = [t.clone() for t in a]
+    mask_update_torch(*a, lr, mom, reg)
+    lr_arg = torch.tensor([lr], dtype=torch.float32) if lr_kind == "tensor" else lr
+    with nft_fast.use_backend("triton"):
+        assert ops.resolved_backend("mask_update", torch.device("cpu")) == "triton"
+        ops.mask_update_(*b, lr_arg, mom, reg)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b[2], a[2], rtol=1e-6, atol=1e-7)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3]), "grad/floor must not be written"
+    assert (b[0] <= 1).all() and (b[0] >= b[3]).all()
+    # The float64 model agrees too (the torch oracle is not the only witness).
+    want_m, want_b = float64_model(*inputs(n, seed=n + 1), lr, mom, reg)
+    torch.testing.assert_close(b[0].double(), want_m, rtol=1e-6, atol=1e-6)
+    if lr_kind == "tensor":
+        assert torch.equal(lr_arg, torch.tensor([lr])), "lr must not be written"
+    mask_update_triton(*b, lr_arg, mom, reg)  # a second step from the updated state
+    mask_update_torch(*a, lr, mom, reg)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [7, 4736])
+def test_torch_tensor_lr_matches_float_lr(n):
+    a = inputs(n, seed=3)
+    b = [t.clone() for t in a]
+    mask_update_torch(*a, 0.0471, 0.9, 1e-3)
+    mask_update_torch(*b, torch.tensor([0.0471]), 0.9, 1e-3)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(a[2], b[2])
+
+
+@needs_triton
+def test_triton_rejects_bad_input():
+    from nft_fast.ops.mask_update import mask_update_triton
+
+    m, grad, buf, floor = inputs(10)
+    with pytest.raises(ValueError, match="1-element float32"):
+        mask_update_triton(m, grad, buf, floor, torch.tensor([0.1, 0.2]), 0.9, 0.0)
+    with pytest.raises(ValueError, match="1-element float32"):
+        mask_update_triton(m, grad, buf, floor, torch.tensor([0.1], dtype=torch.float64), 0.9, 0.0)
+    with pytest.raises(ValueError, match="buf must match"):
+        mask_update_triton(m, grad, buf[:5], floor, 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        mask_update_triton(m[::2], grad[::2], buf[::2], floor[::2], 0.1, 0.9, 0.0)
+    with pytest.raises(ValueError, match="float32/bfloat16/float16"):
+        mask_update_triton(*(t.double() for t in (m, grad, buf, floor)), 0.1, 0.9, 0.0)
+
+
+@needs_triton
+def test_triton_opcheck():
+    from nft_fast.ops.mask_update import mask_update_op
+
+    m, grad, buf, floor = inputs(100)
+    torch.library.opcheck(mask_update_op, (m, grad, buf, floor, torch.tensor([0.05]), 0.0, 0.9, 1e-3))
+    torch.library.opcheck(mask_update_op, (m, grad, buf, floor, None, 0.05, 0.9, 0.0))
+
+
+@needs_triton
+def test_triton_compile_fullgraph_matches_eager():
+    from nft_fast.ops.mask_update import mask_update_triton
+
+    def step(m, grad, buf, floor, lr):
+        mask_update_triton(m, grad, buf, floor, lr, 0.9, 1e-3)
+        return m.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    a = list(inputs(333, seed=5))
+    b = [t.clone() for t in a]
+    for lr in (0.05, 0.03):  # a tensor lr changes without a recompile
+        lr_t = torch.tensor([lr])
+        s_eager = step(*a, lr_t)
+        s_comp = compiled(*b, lr_t)
+        torch.testing.assert_close(s_comp, s_eager)
+        torch.testing.assert_close(b[0], a[0], rtol=0, atol=0)
+        torch.testing.assert_close(b[2], a[2], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_triton_cuda_graph_reads_lr_on_device():
+    from nft_fast.ops.mask_update import mask_update_triton
+
+    a = [t.cuda() for t in inputs(100_003, seed=9)]
+    b = [t.clone() for t in a]
+    lr = torch.tensor([0.05], device="cuda")
+    mask_update_triton(*b, lr, 0.9, 1e-3)  # warm up (compiles the kernel) outside the capture
+    mask_update_torch(*a, 0.05, 0.9, 1e-3)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mask_update_triton(*b, lr, 0.9, 1e-3)
+    for value in (0.03, 0.01):
+        lr.fill_(value)  # the captured kernel must see the new value
+        graph.replay()
+        mask_update_torch(*a, value, 0.9, 1e-3)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b[2], a[2], rtol=1e-6, atol=1e-6)

@@ -61,7 +61,7 @@ def _close(a, b, scale=1.0, rtol=1e-5, atol=2e-5):
 
 
 @pytest.mark.parametrize("shape,fmt", SHAPES)
-@pytest.mark.parametrize("relu,use_res", [(False, False), (True, True)])
+@pytest.mark.parametrize("relu,use_res", [(False, False), (True, False), (True, True)])
 def test_train_forward_backward_match_torch(shape, fmt, relu, use_res):
     args = _inputs(shape, fmt, seed=sum(shape))
     grads = ("x", "m", "w", "b") + (("res",) if use_res else ())
