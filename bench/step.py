@@ -273,20 +273,10 @@ def make_nft_fast(c: Ctx, backend: str, channels_last: bool) -> Tuple[StepFn, di
     m.to(c.device)
     prec = "bf16" if c.amp else "fp32"
     note = ""
-    try:
-        p = nft_fast.Purifier(m, nft_fast.NFTConfig(precision=prec, channels_last=channels_last),
-                              samples_per_class=SAMPLES_PER_CLASS)
-    except RuntimeError as e:
-        if not (channels_last and "channels_last" in str(e)):
-            raise
-        # Purifier applies the 4-D channels_last format to every weight; 5-D conv weights reject it.
-        m = c.model()
-        attach_masks(m, exclude=c.exclude)
-        m.to(c.device)
-        p = nft_fast.Purifier(m, nft_fast.NFTConfig(precision=prec, channels_last=None),
-                              samples_per_class=SAMPLES_PER_CLASS)
-        note = "channels_last=True fails on 5-D weights: ran channels_last=None. "
-    cl = p.channels_last and c.x.dim() == 4
+    # channels_last=True: 4-D weights/inputs channels_last, 5-D ones channels_last_3d
+    p = nft_fast.Purifier(m, nft_fast.NFTConfig(precision=prec, channels_last=channels_last),
+                          samples_per_class=SAMPLES_PER_CLASS)
+    cl = p.channels_last and c.x.dim() in (4, 5)
 
     def step(i: int) -> None:
         lam, perm = c.lp(i)
@@ -300,7 +290,7 @@ def make_nft_fast(c: Ctx, backend: str, channels_last: bool) -> Tuple[StepFn, di
         mine = [op for op, per in sorted(used.items()) if backend in per]
         other = [f"{op}({'/'.join(per)})" for op, per in sorted(used.items()) if backend not in per]
         note += f"{backend}: {', '.join(mine) or 'no op'}" + (f"; {', '.join(other)}" if other else "")
-    return step, {"layout": "channels_last" if cl else "contiguous", "dtype": prec, "note": note.strip(),
+    return step, {"layout": ("channels_last" if c.x.dim() == 4 else "channels_last_3d") if cl else "contiguous", "dtype": prec, "note": note.strip(),
                   "ops_used": used, "first_ms": first_ms}
 
 
