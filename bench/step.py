@@ -267,14 +267,14 @@ def _ops_used(step: StepFn, i: int) -> Dict[str, Dict[str, int]]:
     return counts
 
 
-def make_nft_fast(c: Ctx, backend: str, channels_last: bool) -> Tuple[StepFn, dict]:
+def make_nft_fast(c: Ctx, backend: str, channels_last: bool, graph: bool = False) -> Tuple[StepFn, dict]:
     m = c.model()
     attach_masks(m, exclude=c.exclude)
     m.to(c.device)
     prec = "bf16" if c.amp else "fp32"
     note = ""
     # channels_last=True: 4-D weights/inputs channels_last, 5-D ones channels_last_3d
-    p = nft_fast.Purifier(m, nft_fast.NFTConfig(precision=prec, channels_last=channels_last),
+    p = nft_fast.Purifier(m, nft_fast.NFTConfig(precision=prec, channels_last=channels_last, cuda_graph=graph),
                           samples_per_class=SAMPLES_PER_CLASS)
     cl = p.channels_last and c.x.dim() in (4, 5)
 
@@ -325,6 +325,8 @@ def variant_list(c: Ctx, backends: List[str], layouts: List[str]) -> List[Tuple[
         sfx = "" if layout == layouts[0] else f" {layout}"
         for b in backends:
             out.append((f"nft_fast[{b}]{sfx}", lambda b=b, cl=cl: make_nft_fast(c, b, cl)))
+        if c.device.type == "cuda":  # the whole step as one CUDA graph (NFTConfig(cuda_graph=True))
+            out.append((f"nft_fast[auto]+graph{sfx}", lambda cl=cl: make_nft_fast(c, "auto", cl, graph=True)))
         out.append((f"floor{sfx}", lambda cl=cl: make_floor(c, cl)))
     return out
 

@@ -60,6 +60,10 @@ class NFTConfig:
     # The reference divides reg_coef by N_c (clean samples per class), so one-shot data
     # pulls the masks to 1 sixty times harder than 1% data; False uses reg_coef as is.
     reg_per_class: bool = True
+    # Capture the whole step (MixUp, forward, backward, mask update) as one CUDA graph and
+    # replay it; lam, perm, the batch and the learning rate are fed through device buffers.
+    # CUDA only, static batch shape, no extra losses (adv_* / trigger_*).
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -88,6 +92,8 @@ class NFTConfig:
             bad(f"floor_alpha must be <= 1 (masks are clamped to [floor, 1]), got {self.floor_alpha}")
         if self.precision not in _PRECISIONS:
             bad(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.cuda_graph and ((self.adv_eps > 0 and self.adv_weight > 0) or self.trigger_weight > 0):
+            bad("cuda_graph captures the plain NFT step only: turn off adv_* and trigger_* losses")
 
     @property
     def steps_per_round(self) -> int:

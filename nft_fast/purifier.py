@@ -123,6 +123,8 @@ class Purifier:
             dl, dp = self.draw(x.shape[0])
             lam = dl if lam is None else lam
             perm = dp if perm is None else perm
+        if self.cfg.cuda_graph:
+            return self._graph_step(x, y, lam, perm)
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         perm = perm.to(self.device)
@@ -165,6 +167,75 @@ class Purifier:
             info[k] = float(v.detach())
             info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.cfg.trigger_weight) * info[k]
         return info
+
+
+    def _graph_body(self) -> None:
+        """The step as captured: every input comes from a static buffer (``self._static``)."""
+        st = self._static
+        x_mix = ops.mixup_batch(st["x"], st["perm"], st["lam"], channels_last=self.channels_last)
+        loss = ops.mixup_cross_entropy(self._forward(x_mix), st["y"], st["perm"], st["lam"])
+        self._grad.zero_()
+        loss.backward()
+        st["reg"].copy_((1 - self._mask).abs().sum())  # R before the update, as step() reports
+        ops.mask_update_(self._mask, self._grad, self._buf, self._floor, st["lr"], self.cfg.momentum, st["reg_scale"])
+        st["loss"].copy_(loss.detach())
+
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor) -> Dict[str, float]:
+        if self.device.type != "cuda":
+            raise ValueError("NFTConfig(cuda_graph=True) needs the model on a CUDA device")
+        st = getattr(self, "_static", None)
+        if st is not None and (st["x"].shape != x.shape or st["y"].shape != y.shape):
+            raise ValueError(f"cuda_graph needs a static batch shape: captured {tuple(st['x'].shape)}, got {tuple(x.shape)} "
+                             "(drop the last partial batch)")
+        if st is None:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None for m in self.model.modules()):
+                raise ValueError("cuda_graph: BatchNorm with momentum=None (cumulative average) reads a host-side "
+                                 "counter every step; set a momentum")
+            fmt = torch.channels_last if self.channels_last and x.dim() == 4 else (
+                torch.channels_last_3d if self.channels_last and x.dim() == 5 else torch.contiguous_format)
+            st = self._static = {
+                "x": torch.empty(x.shape, dtype=x.dtype, device=self.device, memory_format=fmt),
+                "y": torch.empty(y.shape, dtype=y.dtype, device=self.device),
+                "perm": torch.empty(perm.shape, dtype=torch.int64, device=self.device),
+                "lam": torch.empty((), dtype=torch.float32, device=self.device),
+                "lr": torch.empty(1, dtype=self._mask.dtype, device=self.device),
+                "loss": torch.empty((), dtype=torch.float32, device=self.device),
+                "reg": torch.empty((), dtype=self._mask.dtype, device=self.device),
+            }
+        reg_scale = self.cfg.reg_coef / (self.samples_per_class if self.cfg.reg_per_class else 1.0)
+        st["reg_scale"] = reg_scale
+        st["x"].copy_(x, non_blocking=True)
+        st["y"].copy_(y, non_blocking=True)
+        st["perm"].copy_(perm, non_blocking=True)
+        st["lam"].fill_(float(lam))
+        st["lr"].fill_(float(self.lr))
+        if getattr(self, "_graph", None) is None:
+            # Warm-up steps on a side stream (allocator, cuDNN and Triton autotuning), as the
+            # capture requires; they are real steps, so the step count includes them. BN
+            # buffers and the optimizer state are restored after them to keep the sequence
+            # identical to uncaptured stepping from here on.
+            keep = [t.clone() for t in (self._mask, self._buf)]
+            with kept(self._bn_buffers):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._graph_body()
+                torch.cuda.current_stream().wait_stream(side)
+            self._mask.copy_(keep[0])
+            self._buf.copy_(keep[1])
+            self._graph = torch.cuda.CUDAGraph()
+            with kept(self._bn_buffers):
+                with torch.cuda.graph(self._graph):
+                    self._graph_body()
+            self._mask.copy_(keep[0])
+            self._buf.copy_(keep[1])
+        self._graph.replay()
+        self.steps_done += 1
+        loss_v, reg = float(st["loss"]), float(st["reg"])
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"non-finite loss ({loss_v}) at step {self.steps_done}: check the inputs for NaN/inf")
+        return {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
 
 
 @dataclass

@@ -131,3 +131,42 @@ def test_every_fused_bn_call_exact(arch, shape, counts, monkeypatch, one_thread)
     with nft_fast.use_backend("triton"):
         p.step(x, y)
     assert calls == counts  # every masked BN ran through the kernels, forward and backward
+
+
+def test_cuda_graph_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        nft_fast.NFTConfig(cuda_graph=True, trigger_weight=1.0)
+    build, shape, k, kw = CASES["resnet"]
+    model = build()
+    nft_fast.attach_masks(model)
+    p = nft_fast.Purifier(model, nft_fast.NFTConfig(cuda_graph=True))
+    with pytest.raises(ValueError, match="CUDA device"):
+        p.step(torch.randn(shape), torch.randint(0, k, (shape[0],)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_graph_steps_match_eager_steps(backend):
+    """Replaying the captured step with fresh lam / perm / batch / lr each time gives the
+    masks of uncaptured steps (same sequence)."""
+    results = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = build("resnet18", 10, 3, width=16).cuda()
+        nft_fast.attach_masks(model, exclude=("bn1",))
+        p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.1, seed=3, cuda_graph=graph), samples_per_class=5.0)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        with nft_fast.use_backend(backend):
+            for i in range(12):
+                x = torch.randn(32, 3, 32, 32, generator=g).cuda()
+                y = torch.randint(0, 10, (32,), generator=g).cuda()
+                p.lr = 0.1 if i < 6 else 0.05  # the round schedule changes lr between replays
+                losses.append(p.step(x, y)["loss"])
+        results.append((p.flat_masks(), torch.tensor(losses), {n: b.clone() for n, b in model.named_buffers()}))
+    (m0, l0, b0), (m1, l1, b1) = results
+    assert (m0 - 1).abs().max() > 1e-3
+    torch.testing.assert_close(m1, m0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
+    for n in b0:
+        torch.testing.assert_close(b1[n].float(), b0[n].float(), rtol=1e-4, atol=1e-5)

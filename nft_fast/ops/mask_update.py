@@ -55,7 +55,12 @@ def mask_update_cpp(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
 def mask_update_cuda(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
     from .. import _build
 
+    from . import backend_available
+
     _check_flat(mask, grad, buf, floor)
+    if isinstance(lr, Tensor):  # the CUDA kernel takes lr by value: a device lr goes to triton / torch
+        fn = mask_update_triton if backend_available("triton") else mask_update_torch
+        return fn(mask, grad, buf, floor, lr, momentum, reg_scale)
     if mask.dtype != torch.float32:
         return mask_update_torch(mask, grad, buf, floor, lr, momentum, reg_scale)
     stream = torch.cuda.current_stream(mask.device).cuda_stream
