@@ -1,18 +1,21 @@
 """What was built: the pybind11 extension (C++ CPU / CUDA kernels) and Triton availability."""
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from typing import Any, Dict, Optional
 
 
-@functools.lru_cache(maxsize=None)
+_EXT: Dict[str, tuple] = {}  # a plain memo (not lru_cache): torch.compile traces through it
+
+
 def _load_ext() -> tuple:
-    try:
-        return importlib.import_module("nft_fast._C"), None
-    except ImportError as e:  # not built (no compiler, NFT_FAST_NO_EXT=1) or broken build
-        return None, str(e)
+    if "m" not in _EXT:
+        try:
+            _EXT["m"] = (importlib.import_module("nft_fast._C"), None)
+        except ImportError as e:  # not built (no compiler, NFT_FAST_NO_EXT=1) or broken build
+            _EXT["m"] = (None, str(e))
+    return _EXT["m"]
 
 
 def ext() -> Any:
