@@ -81,7 +81,10 @@ def _setup(ctx, inputs, output):
     ctx.training, ctx.relu = training, relu
     ctx.has_bias, ctx.has_res = bias is not None, residual is not None
     # x and the per-channel statistics; y only with ReLU (the next layer keeps it anyway).
-    ctx.save_for_backward(x, y if relu else None, weight, mask, mean, rstd)
+    # Copies of the C-element weight and mask: backward uses their values at forward time, as
+    # torch's saved weight*mask product does, even when a caller (ANP's perturbations) updates
+    # them in place in between.
+    ctx.save_for_backward(x, y if relu else None, weight.detach().clone(), mask.detach().clone(), mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd, _dvar):
@@ -94,6 +97,17 @@ def _backward(ctx, dy, _dmean, _drstd, _dvar):
 
 
 masked_bn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, uvar: Tensor, momentum: float) -> None:
+    """``running = (1 - momentum) * running + momentum * batch``, in place. Eagerly through
+    ``.data``, so the version counters do not move: like torch's batch_norm, whose in-kernel
+    update leaves earlier graphs that saved the running stats (ANP's perturbed forward)
+    valid for their backward."""
+    with torch.no_grad():
+        rm, rv = (running_mean, running_var) if torch.compiler.is_compiling() else (running_mean.data, running_var.data)
+        rm.lerp_(mean.to(rm.dtype), momentum)
+        rv.lerp_(uvar.to(rv.dtype), momentum)
 
 
 def _check(x: Tensor, weight: Tensor, mask: Tensor, residual: Optional[Tensor], training: bool) -> None:
@@ -116,9 +130,7 @@ def masked_batch_norm_triton(x, running_mean, running_var, weight, bias, mask, t
     y, mean, _, uvar = masked_bn_fwd(x, weight, bias, mask, residual, running_mean, running_var,
                                      bool(training), float(eps), bool(relu))
     if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(uvar.to(running_var.dtype), momentum)
+        _update_running(running_mean, running_var, mean, uvar, momentum)
     return y
 
 
@@ -298,9 +310,7 @@ def masked_batch_norm_cpp(x, running_mean, running_var, weight, bias, mask, trai
     y, mean, _, uvar = op(x, weight, bias, mask, residual, running_mean, running_var, bool(training), float(eps),
                           bool(relu))
     if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-            running_var.lerp_(uvar.to(running_var.dtype), momentum)
+        _update_running(running_mean, running_var, mean, uvar, momentum)
     return y
 
 
