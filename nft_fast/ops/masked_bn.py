@@ -87,13 +87,19 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, y if relu else None, weight.detach().clone(), mask.detach().clone(), mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd, _dvar):
+def _grads(bwd, ctx, dy):
+    """The autograd backward of every masked-BN forward (custom op or Function): ``bwd`` is
+    the backward op of the backend; unrequested gradients are None."""
     x, y, weight, mask, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dres = ctx.has_res and need[4]
-    dx, dres, dw, db, dm = masked_bn_bwd(dy, x, y, weight, mask, mean, rstd, ctx.training, ctx.relu, need[0], need_dres)
+    dx, dres, dw, db, dm = bwd(dy, x, y, weight, mask, mean, rstd, ctx.training, ctx.relu, need[0], need_dres)
     return (dx if need[0] else None, dw if need[1] else None, db if ctx.has_bias and need[2] else None,
             dm if need[3] else None, dres if need_dres else None, None, None, None, None, None)
+
+
+def _backward(ctx, dy, _dmean, _drstd, _dvar):
+    return _grads(masked_bn_bwd, ctx, dy)
 
 
 masked_bn_fwd.register_autograd(_backward, setup_context=_setup)
@@ -260,13 +266,7 @@ def _(dy, x, y, weight, mask, mean, rstd, training, relu, need_dx, need_dres):
 
 
 def _backward_cpp(ctx, dy, _dmean, _drstd, _dvar):
-    x, y, weight, mask, mean, rstd = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_dres = ctx.has_res and need[4]
-    dx, dres, dw, db, dm = masked_bn_cpp_bwd(dy, x, y, weight, mask, mean, rstd, ctx.training, ctx.relu, need[0],
-                                             need_dres)
-    return (dx if need[0] else None, dw if need[1] else None, db if ctx.has_bias and need[2] else None,
-            dm if need[3] else None, dres if need_dres else None, None, None, None, None, None)
+    return _grads(masked_bn_cpp_bwd, ctx, dy)
 
 
 masked_bn_cpp_fwd.register_autograd(_backward_cpp, setup_context=_setup)
@@ -286,13 +286,7 @@ class _MaskedBNCppEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd, _dvar):
-        x, y, weight, mask, mean, rstd = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_dres = ctx.has_res and need[4]
-        dx, dres, dw, db, dm = _cpp_bwd_impl(dy, x, y, weight, mask, mean, rstd, ctx.training, ctx.relu, need[0],
-                                             need_dres)
-        return (dx if need[0] else None, dw if need[1] else None, db if ctx.has_bias and need[2] else None,
-                dm if need[3] else None, dres if need_dres else None, None, None, None, None, None)
+        return _grads(_cpp_bwd_impl, ctx, dy)
 
 
 def masked_batch_norm_cpp(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,

@@ -8,6 +8,8 @@ import torch.nn as nn
 
 pytest.importorskip("triton")
 
+from bn_cases import bn_inputs, bn_run, close  # noqa: E402
+
 import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
 from nft_fast.ops.masked_bn import masked_batch_norm_torch, masked_batch_norm_triton, masked_bn_bwd, masked_bn_fwd  # noqa: E402
@@ -30,34 +32,10 @@ SHAPES = [
 
 
 def _inputs(shape, fmt, seed, dtype=torch.float32, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    x = (torch.randn(shape, generator=g) * 3 + 1.5).to(device, dtype)
-    if fmt is not None:
-        x = x.contiguous(memory_format=fmt)
-    w = (torch.rand(C, generator=g) + 0.5).to(device)
-    b = torch.randn(C, generator=g).to(device)
-    m = torch.rand(C, generator=g).to(device)
-    res = torch.randn(shape, generator=g).to(device, dtype)
-    dy = torch.randn(shape, generator=g).to(device, dtype)
-    return x, w, b, m, res, dy
+    return bn_inputs(shape, fmt, seed, dtype, device)
 
 
-def _run(fn, x, w, b, m, res, dy, *, training=True, relu=False, use_res=False, running=True, grads=("x", "m")):
-    C = x.shape[1]
-    rm = torch.linspace(-1, 1, C, device=x.device) if running else None
-    rv = torch.linspace(0.5, 2, C, device=x.device) if running else None
-    t = {"x": x.detach().clone(), "w": w.clone(), "b": b.clone(), "m": m.clone(),
-         "res": res.detach().clone() if use_res else None}
-    for k in grads:
-        t[k].requires_grad_(True)
-    y = fn(t["x"], rm, rv, t["w"], t["b"], t["m"], training, 0.1, 1e-5, t["res"], relu)
-    y.backward(dy)
-    return y, rm, rv, {k: t[k].grad for k in grads}
-
-
-def _close(a, b, scale=1.0, rtol=1e-5, atol=2e-5):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
+_run, _close = bn_run, close
 
 
 @pytest.mark.parametrize("shape,fmt", SHAPES)

@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bn_cases import bn_inputs, bn_run, close  # noqa: E402
+
 import nft_fast
 from nft_fast import _build, ops
 from nft_fast.ops.masked_bn import (masked_batch_norm_cpp, masked_batch_norm_torch, masked_bn_cpp_bwd,
@@ -29,35 +31,10 @@ SHAPES = [
 
 
 def _inputs(shape, fmt, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    C = shape[1]
-    x = (torch.randn(shape, generator=g) * 3 + 1.5).to(dtype)
-    if fmt is not None:
-        x = x.contiguous(memory_format=fmt)
-    w = torch.rand(C, generator=g) + 0.5
-    b = torch.randn(C, generator=g)
-    m = torch.rand(C, generator=g)
-    res = torch.randn(shape, generator=g).to(dtype)
-    dy = torch.randn(shape, generator=g).to(dtype)
-    return x, w, b, m, res, dy
+    return bn_inputs(shape, fmt, seed, dtype)
 
 
-def _run(fn, x, w, b, m, res, dy, *, training=True, relu=False, use_res=False, running=True, bias=True,
-         grads=("x", "m")):
-    C = x.shape[1]
-    rm = torch.linspace(-1, 1, C) if running else None
-    rv = torch.linspace(0.5, 2, C) if running else None
-    t = {"x": x.detach().clone(memory_format=torch.preserve_format), "w": w.clone(), "b": b.clone() if bias else None,
-         "m": m.clone(), "res": res.detach().clone() if use_res else None}
-    for k in grads:
-        t[k].requires_grad_(True)
-    y = fn(t["x"], rm, rv, t["w"], t["b"], t["m"], training, 0.1, 1e-5, t["res"], relu)
-    y.backward(dy)
-    return y, rm, rv, {k: t[k].grad for k in grads}
-
-
-def _close(a, b, scale=1.0, rtol=1e-5, atol=2e-5):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
+_run, _close = bn_run, close
 
 
 @pytest.mark.parametrize("shape,fmt", SHAPES)

@@ -1,0 +1,37 @@
+"""Inputs and one forward/backward run of a masked BatchNorm implementation, shared by the
+per-backend tests (tests/ops/test_masked_bn*.py)."""
+import torch
+
+
+def bn_inputs(shape, fmt, seed, dtype=torch.float32, device="cpu"):
+    """``(x, weight, bias, mask, residual, dy)``; x offset from 0 so the statistics matter."""
+    g = torch.Generator().manual_seed(seed)
+    C = shape[1]
+    x = (torch.randn(shape, generator=g) * 3 + 1.5).to(device, dtype)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    w = (torch.rand(C, generator=g) + 0.5).to(device)
+    b = torch.randn(C, generator=g).to(device)
+    m = torch.rand(C, generator=g).to(device)
+    res = torch.randn(shape, generator=g).to(device, dtype)
+    dy = torch.randn(shape, generator=g).to(device, dtype)
+    return x, w, b, m, res, dy
+
+
+def bn_run(fn, x, w, b, m, res, dy, *, training=True, relu=False, use_res=False, running=True, bias=True,
+           grads=("x", "m")):
+    """``fn``'s output, running mean/var and the gradients named in ``grads``."""
+    C = x.shape[1]
+    rm = torch.linspace(-1, 1, C, device=x.device) if running else None
+    rv = torch.linspace(0.5, 2, C, device=x.device) if running else None
+    t = {"x": x.detach().clone(memory_format=torch.preserve_format), "w": w.clone(), "b": b.clone() if bias else None,
+         "m": m.clone(), "res": res.detach().clone() if use_res else None}
+    for k in grads:
+        t[k].requires_grad_(True)
+    y = fn(t["x"], rm, rv, t["w"], t["b"], t["m"], training, 0.1, 1e-5, t["res"], relu)
+    y.backward(dy)
+    return y, rm, rv, {k: t[k].grad for k in grads}
+
+
+def close(a, b, scale=1.0, rtol=1e-5, atol=2e-5):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
