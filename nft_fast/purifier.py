@@ -128,17 +128,13 @@ class Purifier:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         perm = perm.to(self.device)
-        # One pass builds the mixed batch in the layout the first layer wants, and one the
-        # loss with its logit gradient (fused kernels on the triton backend).
-        x_mix = ops.mixup_batch(x, perm, lam, channels_last=self.channels_last)
-        out = self._forward(x_mix)
-        loss = ops.mixup_cross_entropy(out, y, perm, lam)
+        loss = self._mixup_loss(x, y, perm, lam)
         self._grad.zero_()
         extra: Dict[str, torch.Tensor] = {}
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
         use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
-        if (use_adv or use_trig) and self.channels_last and x.dim() in (4, 5):
-            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        if (use_adv or use_trig) and self.channels_last:
+            x = x.contiguous(memory_format=ops.channels_last_format(x.dim(), True))
         if use_adv or use_trig:
             with kept(self._bn_buffers):  # restored after backward: batch_norm saved them for it
                 total = loss
@@ -156,12 +152,10 @@ class Purifier:
         else:
             loss.backward()
         reg = self.regularizer()
-        reg_scale = self.cfg.reg_coef / (self.samples_per_class if self.cfg.reg_per_class else 1.0)
+        reg_scale = self._reg_scale
         ops.mask_update_(self._mask, self._grad, self._buf, self._floor, self.lr, self.cfg.momentum, reg_scale)
         self.steps_done += 1
-        loss_v = float(loss.detach())
-        if not math.isfinite(loss_v):
-            raise FloatingPointError(f"non-finite loss ({loss_v}) at step {self.steps_done}: check the inputs for NaN/inf")
+        loss_v = self._finite(float(loss.detach()))
         info = {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
         for k, v in extra.items():
             info[k] = float(v.detach())
@@ -169,11 +163,25 @@ class Purifier:
         return info
 
 
+    @property
+    def _reg_scale(self) -> float:
+        return self.cfg.reg_coef / (self.samples_per_class if self.cfg.reg_per_class else 1.0)
+
+    def _finite(self, loss: float) -> float:
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss}) at step {self.steps_done}: check the inputs for NaN/inf")
+        return loss
+
+    def _mixup_loss(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam) -> torch.Tensor:
+        """MixUp cross-entropy of the model: one pass builds the mixed batch in the layout the
+        first layer wants, one the loss with its logit gradient (fused kernels on triton)."""
+        x_mix = ops.mixup_batch(x, perm, lam, channels_last=self.channels_last)
+        return ops.mixup_cross_entropy(self._forward(x_mix), y, perm, lam)
+
     def _graph_body(self) -> None:
         """The step as captured: every input comes from a static buffer (``self._static``)."""
         st = self._static
-        x_mix = ops.mixup_batch(st["x"], st["perm"], st["lam"], channels_last=self.channels_last)
-        loss = ops.mixup_cross_entropy(self._forward(x_mix), st["y"], st["perm"], st["lam"])
+        loss = self._mixup_loss(st["x"], st["y"], st["perm"], st["lam"])
         self._grad.zero_()
         loss.backward()
         st["reg"].copy_((1 - self._mask).abs().sum())  # R before the update, as step() reports
@@ -191,10 +199,9 @@ class Purifier:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None for m in self.model.modules()):
                 raise ValueError("cuda_graph: BatchNorm with momentum=None (cumulative average) reads a host-side "
                                  "counter every step; set a momentum")
-            fmt = torch.channels_last if self.channels_last and x.dim() == 4 else (
-                torch.channels_last_3d if self.channels_last and x.dim() == 5 else torch.contiguous_format)
             st = self._static = {
-                "x": torch.empty(x.shape, dtype=x.dtype, device=self.device, memory_format=fmt),
+                "x": torch.empty(x.shape, dtype=x.dtype, device=self.device,
+                                 memory_format=ops.channels_last_format(x.dim(), self.channels_last)),
                 "y": torch.empty(y.shape, dtype=y.dtype, device=self.device),
                 "perm": torch.empty(perm.shape, dtype=torch.int64, device=self.device),
                 "lam": torch.empty((), dtype=torch.float32, device=self.device),
@@ -202,8 +209,7 @@ class Purifier:
                 "loss": torch.empty((), dtype=torch.float32, device=self.device),
                 "reg": torch.empty((), dtype=self._mask.dtype, device=self.device),
             }
-        reg_scale = self.cfg.reg_coef / (self.samples_per_class if self.cfg.reg_per_class else 1.0)
-        st["reg_scale"] = reg_scale
+        st["reg_scale"] = reg_scale = self._reg_scale
         st["x"].copy_(x, non_blocking=True)
         st["y"].copy_(y, non_blocking=True)
         st["perm"].copy_(perm, non_blocking=True)
@@ -225,16 +231,11 @@ class Purifier:
             self._mask.copy_(keep[0])
             self._buf.copy_(keep[1])
             self._graph = torch.cuda.CUDAGraph()
-            with kept(self._bn_buffers):
-                with torch.cuda.graph(self._graph):
-                    self._graph_body()
-            self._mask.copy_(keep[0])
-            self._buf.copy_(keep[1])
+            with torch.cuda.graph(self._graph):  # records only: nothing runs until replay
+                self._graph_body()
         self._graph.replay()
         self.steps_done += 1
-        loss_v, reg = float(st["loss"]), float(st["reg"])
-        if not math.isfinite(loss_v):
-            raise FloatingPointError(f"non-finite loss ({loss_v}) at step {self.steps_done}: check the inputs for NaN/inf")
+        loss_v, reg = self._finite(float(st["loss"])), float(st["reg"])
         return {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
 
 
@@ -263,8 +264,7 @@ def _to_channels_last(model: nn.Module) -> None:
             for store in (m._parameters, m._buffers):
                 for k, t in store.items():
                     if t is not None and t.dim() in (4, 5):
-                        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
-                        t.data = t.data.contiguous(memory_format=fmt)
+                        t.data = t.data.contiguous(memory_format=ops.channels_last_format(t.dim(), True))
 
 
 def _infer_num_classes(model: nn.Module, x: torch.Tensor) -> int:

@@ -2,6 +2,20 @@
 per-backend tests (tests/ops/test_masked_bn*.py)."""
 import torch
 
+# (shape, memory format): C not a power of two; N*S of 7, 45, 1088 (> 1000), 1d/2d/3d.
+BN_SHAPES = [
+    ((7, 3), None),
+    ((1030, 5), None),
+    ((5, 5, 3, 3), None),
+    ((5, 5, 3, 3), torch.channels_last),
+    ((3, 130, 2, 2), torch.channels_last),
+    ((4, 3, 17, 16), None),
+    ((4, 3, 17, 16), torch.channels_last),
+    ((2, 6, 3, 4, 5), None),
+    ((2, 6, 3, 4, 5), torch.channels_last_3d),
+    ((3, 7, 11), None),
+]
+
 
 def bn_inputs(shape, fmt, seed, dtype=torch.float32, device="cpu"):
     """``(x, weight, bias, mask, residual, dy)``; x offset from 0 so the statistics matter."""

@@ -76,7 +76,8 @@ def _check_ce(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: La
     _check_lam(lam, logits.device, who)
 
 
-def _out_format(ndim: int, channels_last: bool) -> torch.memory_format:
+def channels_last_format(ndim: int, channels_last: bool) -> torch.memory_format:
+    """channels_last for 4-D, channels_last_3d for 5-D tensors when ``channels_last``; else contiguous."""
     if channels_last and ndim == 4:
         return torch.channels_last
     if channels_last and ndim == 5:
@@ -108,7 +109,7 @@ def mixup_batch_torch(
         lam = lam.reshape(())
     xc = x.float() if x.dtype in _HALF else x
     out = lam * xc + (1 - lam) * xc[perm]
-    fmt = _out_format(x.dim(), channels_last)
+    fmt = channels_last_format(x.dim(), channels_last)
     return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt).copy_(out)
 
 
@@ -141,12 +142,12 @@ def _mixup_batch_op(
 ) -> torch.Tensor:
     from nft_fast.kernels import mixup as K
 
-    return K.mixup_batch(x, perm, lam, lam_t, dtype, _out_format(x.dim(), channels_last))
+    return K.mixup_batch(x, perm, lam, lam_t, dtype, channels_last_format(x.dim(), channels_last))
 
 
 @_mixup_batch_op.register_fake
 def _(x, perm, lam_t, lam, dtype, channels_last):
-    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=_out_format(x.dim(), channels_last))
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=channels_last_format(x.dim(), channels_last))
 
 
 @torch.library.custom_op("nft_fast::mixup_ce_fwd", mutates_args=())

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 pytest.importorskip("triton")
 
-from bn_cases import bn_inputs, bn_run, close  # noqa: E402
+from bn_cases import BN_SHAPES, bn_inputs, bn_run, close  # noqa: E402
 
 import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
@@ -16,19 +16,7 @@ from nft_fast.ops.masked_bn import masked_batch_norm_torch, masked_batch_norm_tr
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (shape, memory format): C not a power of two; N*S of 7, 45, 1088 (> 1000), 1d/2d/3d.
-SHAPES = [
-    ((7, 3), None),
-    ((1030, 5), None),
-    ((5, 5, 3, 3), None),
-    ((5, 5, 3, 3), torch.channels_last),
-    ((3, 130, 2, 2), torch.channels_last),
-    ((4, 3, 17, 16), None),
-    ((4, 3, 17, 16), torch.channels_last),
-    ((2, 6, 3, 4, 5), None),
-    ((2, 6, 3, 4, 5), torch.channels_last_3d),
-    ((3, 7, 11), None),
-]
+SHAPES = BN_SHAPES
 
 
 def _inputs(shape, fmt, seed, dtype=torch.float32, device=DEV):

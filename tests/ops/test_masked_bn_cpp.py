@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bn_cases import bn_inputs, bn_run, close  # noqa: E402
+from bn_cases import BN_SHAPES, bn_inputs, bn_run, close  # noqa: E402
 
 import nft_fast
 from nft_fast import _build, ops
@@ -13,17 +13,7 @@ from nft_fast.ops.masked_bn import (masked_batch_norm_cpp, masked_batch_norm_tor
 pytestmark = pytest.mark.skipif(not _build.cpp_compiled(), reason="C++ extension not built")
 
 # (shape, memory format): C not a power of two; N*S of 7, 45, 1088 and > 1000; 1d/2d/3d; both layouts.
-SHAPES = [
-    ((7, 3), None),
-    ((1030, 5), None),
-    ((5, 5, 3, 3), None),
-    ((5, 5, 3, 3), torch.channels_last),
-    ((3, 130, 2, 2), torch.channels_last),
-    ((4, 3, 17, 16), None),
-    ((4, 3, 17, 16), torch.channels_last),
-    ((2, 6, 3, 4, 5), None),
-    ((2, 6, 3, 4, 5), torch.channels_last_3d),
-    ((3, 7, 11), None),
+SHAPES = BN_SHAPES + [
     ((8, 24, 12, 12), torch.channels_last),  # large enough for the OpenMP parallel branch
     ((8, 24, 12, 12), None),
     ((6, 10, 1, 1), None),  # no spatial extent: read as rows x C
