@@ -1,9 +1,11 @@
 """Build: pure-Python package + Triton sources (kernels/ -> nft_fast.kernels) + the
-pybind11 extension nft_fast._C compiled from csrc/ by CMake/Ninja.
+pybind11 extension nft_fast._C compiled from csrc/ by CMake/Ninja, and (same CMake run) the
+CUDA emulator module nft_fast._cuda_emu: the CUDA kernels compiled for the CPU (csrc/emu/).
 
 Environment:
-  NFT_FAST_NO_EXT=1   skip the extension (the package runs on its torch backend)
-  NFT_FAST_NO_CUDA=1  build only the C++ CPU kernels even if nvcc is present
+  NFT_FAST_NO_EXT=1       skip the extensions (the package runs on its torch backend)
+  NFT_FAST_NO_CUDA=1      build only the C++ CPU kernels even if nvcc is present
+  NFT_FAST_NO_CUDA_EMU=1  do not build nft_fast._cuda_emu
 A present compiler whose build fails is an error, not a silent fallback.
 """
 import os
@@ -19,8 +21,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 class CMakeExtension(Extension):
-    def __init__(self, name: str) -> None:
-        super().__init__(name, sources=[])
+    def __init__(self, name: str, optional: bool = False) -> None:
+        super().__init__(name, sources=[], optional=optional)
 
 
 def _skip_reason() -> str:
@@ -41,6 +43,10 @@ class CMakeBuild(build_ext):
         super().run()
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "nft_fast._cuda_emu":  # built by the CMake run of nft_fast._C (optional)
+            if not Path(self.get_ext_fullpath(ext.name)).exists():
+                print("nft_fast: the CUDA emulator module was not built (see the CMake log)", file=sys.stderr)
+            return
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
@@ -54,6 +60,8 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("NFT_FAST_NO_CUDA", "0") not in ("", "0"):
             args.append("-DNFT_FAST_NO_CUDA=ON")
+        if os.environ.get("NFT_FAST_NO_CUDA_EMU", "0") not in ("", "0"):
+            args.append("-DNFT_FAST_NO_CUDA_EMU=ON")
         nvcc = shutil.which("nvcc")
         if nvcc and "CUDACXX" not in os.environ:
             args.append(f"-DCMAKE_CUDA_COMPILER={os.path.realpath(nvcc)}")
@@ -65,6 +73,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("nft_fast._C")],
+    # _C first: its CMake run also builds _cuda_emu, which setuptools then only copies (when present).
+    ext_modules=[CMakeExtension("nft_fast._C"), CMakeExtension("nft_fast._cuda_emu", optional=True)],
     cmdclass={"build_ext": CMakeBuild},
 )

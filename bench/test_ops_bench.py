@@ -12,6 +12,7 @@ far too slow to time. These files live in bench/, so ``pytest tests`` never runs
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -102,21 +103,21 @@ def _mask_update(impl: Callable) -> Tuple[Callable, str]:
     return run, f"{n} fp32"
 
 
-def _mixup_batch(impl: Callable) -> Tuple[Callable, str]:
-    """MixUp of an NCHW fp32 batch into the model's dtype, channels_last."""
-    shape = (128, 3, 224, 224) if CUDA else (32, 3, 32, 32)
+def _mixup_batch(impl: Callable, out_dtype: torch.dtype = HALF) -> Tuple[Callable, str]:
+    """MixUp of an NCHW fp32 batch into the model's dtype (or ``out_dtype``), channels_last."""
+    shape = (128, 3, 224, 224) if CUDA else (64, 3, 32, 32)
     g = _gen()
     x = _r(*shape, g=g)
     perm = torch.randperm(shape[0], device=DEV, generator=g)
 
     def run():
-        return impl(x, perm, 0.37, HALF, True)
-    return run, f"{shape} fp32 -> {str(HALF)[6:]} channels_last"
+        return impl(x, perm, 0.37, out_dtype, True)
+    return run, f"{shape} fp32 -> {str(out_dtype)[6:]} channels_last"
 
 
-def _mixup_ce(impl: Callable) -> Tuple[Callable, str]:
-    """Two-label MixUp cross-entropy forward + backward (dlogits)."""
-    B, K = (128, 1000) if CUDA else (32, 10)
+def _mixup_ce(impl: Callable, K: int = 10) -> Tuple[Callable, str]:
+    """Two-label MixUp cross-entropy forward + backward (dlogits); CPU: ``K`` classes."""
+    B, K = (128, 1000) if CUDA else (128, K)
     g = _gen()
     z = (_r(B, K, g=g) * 3).requires_grad_()
     y = torch.randint(0, K, (B,), device=DEV, generator=g)
@@ -134,12 +135,19 @@ CASES: Dict[str, Tuple[str, Callable]] = {
     "mask_update": ("nft_fast.ops.mask_update", _mask_update),
     "mixup_batch": ("nft_fast.ops.mixup", _mixup_batch),
     "mixup_ce": ("nft_fast.ops.mixup", _mixup_ce),
+    # CPU-only variants (on CUDA the rows above have these shapes): case -> the op it times
+    "mixup_batch_bf16": ("nft_fast.ops.mixup", functools.partial(_mixup_batch, out_dtype=torch.bfloat16)),
+    "mixup_ce_k1000": ("nft_fast.ops.mixup", functools.partial(_mixup_ce, K=1000)),
 }
+VARIANT_OF = {"mixup_batch_bf16": "mixup_batch", "mixup_ce_k1000": "mixup_ce"}
 
 
-def _impl(op: str, backend: str) -> Callable:
-    """The implementation of ``op`` that ``use_backend(backend)`` resolves to on DEV (skips otherwise)."""
-    module, _ = CASES[op]
+def _impl(case: str, backend: str) -> Callable:
+    """The implementation of ``case``'s op that ``use_backend(backend)`` resolves to on DEV (skips otherwise)."""
+    module, _ = CASES[case]
+    op = VARIANT_OF.get(case, case)
+    if case != op and CUDA:
+        pytest.skip(f"{case}: a CPU-only variant of {op}")
     try:
         importlib.import_module(module)  # registers the op's implementations
     except ImportError as e:

@@ -1,4 +1,5 @@
-"""What was built: the pybind11 extension (C++ CPU / CUDA kernels) and Triton availability."""
+"""What was built: the pybind11 extension (C++ CPU / CUDA kernels), the CUDA emulator module
+(the CUDA kernels compiled for the CPU, csrc/emu/) and Triton availability."""
 from __future__ import annotations
 
 import importlib
@@ -34,6 +35,56 @@ def cuda_compiled() -> bool:
     return mod is not None and bool(mod.has_cuda())
 
 
+_EMU: Dict[str, tuple] = {}  # a plain memo (not lru_cache): torch.compile traces through it
+
+
+def _load_emu() -> tuple:
+    if "m" not in _EMU:
+        try:
+            _EMU["m"] = (importlib.import_module("nft_fast._cuda_emu"), None)
+        except ImportError as e:  # not built (NFT_FAST_NO_CUDA_EMU, unsupported platform) or broken build
+            _EMU["m"] = (None, str(e))
+    return _EMU["m"]
+
+
+def cuda_emu_built() -> bool:
+    return _load_emu()[0] is not None
+
+
+def cuda_emu_requested() -> bool:
+    return os.environ.get("NFT_FAST_CUDA_EMU", "0") not in ("", "0")
+
+
+def cuda_emu_enabled() -> bool:
+    """The CUDA kernels run on CPU tensors through the emulator: NFT_FAST_CUDA_EMU is set (not
+    "0") and nft_fast._cuda_emu imports. Like TRITON_INTERPRET for triton."""
+    return cuda_emu_requested() and cuda_emu_built()
+
+
+def cuda_ext(device: Any = None) -> Any:
+    """The module whose launchers run the CUDA kernels: nft_fast._C (built with CUDA, a device is
+    visible) or, under emulation, nft_fast._cuda_emu. With ``device`` (a torch.device), the module
+    for tensors there: CPU tensors only ever go to the emulator, CUDA tensors only to _C."""
+    import torch
+
+    dev_type = getattr(device, "type", device)
+    real = cuda_compiled() and torch.cuda.is_available()
+    if dev_type != "cpu" and real:
+        return ext()
+    if dev_type != "cuda" and cuda_emu_enabled():
+        return _load_emu()[0]
+    if dev_type == "cpu":
+        raise RuntimeError("the CUDA kernels run on CPU tensors only under the emulator: "
+                           + _emu_reason())
+    raise RuntimeError(f"no module can run the CUDA kernels: {why_unavailable('cuda')}")
+
+
+def _emu_reason() -> str:
+    if not cuda_emu_requested():
+        return "set NFT_FAST_CUDA_EMU=1 to run them on the CPU emulator"
+    return f"NFT_FAST_CUDA_EMU is set but the emulator module nft_fast._cuda_emu was not built ({_load_emu()[1]})"
+
+
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -65,8 +116,8 @@ def why_unavailable(name: str) -> str:
         return f"the C++ extension was not built ({_load_ext()[1]}); reinstall with a C++ compiler and without NFT_FAST_NO_EXT"
     if name == "cuda":
         if not cuda_compiled():
-            return "the extension was built without CUDA (nvcc was not found at install time)"
-        return "no CUDA device is visible"
+            return f"the extension was built without CUDA (nvcc was not found at install time); {_emu_reason()}"
+        return f"no CUDA device is visible; {_emu_reason()}"
     if name == "triton":
         if _triton_version() is None:
             return "triton is not installed"
@@ -83,6 +134,9 @@ def build_info() -> Dict[str, Any]:
         "cpp_compiled": mod is not None,
         "cuda_compiled": cuda_compiled(),
         "cuda_archs": list(mod.cuda_archs()) if mod is not None else [],
+        "cuda_emu_built": cuda_emu_built(),
+        "cuda_emu_enabled": cuda_emu_enabled(),
+        "cuda_emu_error": _load_emu()[1],
         "openmp": bool(mod.has_openmp()) if mod is not None else False,
         "triton": _triton_version() is not None,
         "triton_version": _triton_version(),

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 # Triton kernels run on CPU tensors under the interpreter when there is no GPU (CI). The
-# variable must be set before triton is first imported.
+# variable must be set before triton is first imported. Likewise the CUDA kernels (backend
+# "cuda") run on CPU tensors under the emulator module nft_fast._cuda_emu.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("NFT_FAST_CUDA_EMU", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/nets.py
 

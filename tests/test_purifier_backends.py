@@ -1,6 +1,7 @@
-"""Ten Purifier steps with the triton backend match the torch backend (masks, rtol 1e-4).
+"""Ten Purifier steps with the triton and cuda backends match the torch backend (masks, rtol 1e-4).
 
-On CPU the Triton kernels run under TRITON_INTERPRET=1 (conftest); models stay tiny.
+On CPU the Triton kernels run under TRITON_INTERPRET=1 and the CUDA kernels on the emulator
+(NFT_FAST_CUDA_EMU=1, conftest); models stay tiny.
 """
 import pytest
 import torch
@@ -44,10 +45,16 @@ def _run(case, backend, steps=10):
     return p.flat_masks(), losses, bn_state
 
 
+_FAST = [pytest.param("triton"),
+         # the CUDA kernels (on the CPU emulator when there is no GPU: NFT_FAST_CUDA_EMU=1, conftest)
+         pytest.param("cuda", marks=pytest.mark.skipif(not ops.backend_available("cuda"), reason="no CUDA / emulator"))]
+
+
+@pytest.mark.parametrize("backend", _FAST)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_ten_steps_triton_match_torch(case, one_thread):
+def test_ten_steps_match_torch(case, backend, one_thread):
     m0, l0, s0 = _run(case, "torch")
-    m1, l1, s1 = _run(case, "triton")
+    m1, l1, s1 = _run(case, backend)
     assert (m0 - 1).abs().max() > 1e-3, "the masks must move for the comparison to mean anything"
     torch.testing.assert_close(m1, m0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-4, atol=1e-5)

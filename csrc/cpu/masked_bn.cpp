@@ -1,5 +1,5 @@
-// Masked BatchNorm (+ residual + ReLU) on the CPU, fp32 (see nft_fast/ops/masked_bn.py for the
-// semantics and csrc/masked_bn.h for the layouts).
+// Masked BatchNorm (+ residual + ReLU) on the CPU, fp32 or bf16 storage with fp32 arithmetic and
+// double sums (see nft_fast/ops/masked_bn.py for the semantics and csrc/masked_bn.h for the layouts).
 //
 // Statistics: sums of (x - K) and (x - K)^2 in double, K = the channel's first value (a shift
 // that keeps the sums small when |mean| >> std), so the variance matches torch's double
@@ -35,6 +35,25 @@ constexpr int64_t kMaxChunks = 64;       // row chunks of the rows x C reduction
 constexpr int64_t kMinChunkRows = 8;
 constexpr int64_t kParallelWork = 32768;  // elements below which one thread does it all
 
+using bf16 = uint16_t;  // bfloat16 bits (the upper half of an fp32)
+
+// Loads widen to fp32 (exact for bf16); stores round to nearest even, NaN to 0x7FC0, as
+// c10::BFloat16 does. Integer ops only: they vectorise.
+inline __attribute__((always_inline)) float ld(float v) { return v; }
+inline __attribute__((always_inline)) float ld(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __attribute__((always_inline)) void st(float* p, float v) { *p = v; }
+inline __attribute__((always_inline)) void st(bf16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  *p = static_cast<bf16>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
+}
+
 // dy where y > 0, else 0 (ReLU backward), with integer ops: GCC does not if-convert a float
 // compare-and-select in these loops. A positive float's bits are a positive int32 (y is finite).
 inline __attribute__((always_inline)) float relu_grad(float g, float y) {
@@ -47,136 +66,88 @@ inline __attribute__((always_inline)) float relu_grad(float g, float y) {
   return out;
 }
 
-// ---------------------------------------------------------------- rows x C kernels (row range)
+// ------------------------------------------------- kernel bodies, templated on the storage type
+// (inlined into one target_clones function per type below).
 
-NFT_CLONES void rows_stats(const float* x, int64_t r0, int64_t r1, int64_t C, const double* K, double* s1,
-                           double* s2) {
+template <typename T>
+inline __attribute__((always_inline)) void rows_stats_t(const T* x, int64_t r0, int64_t r1, int64_t C,
+                                                        const double* K, double* s1, double* s2) {
   for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * C;
+    const T* xr = x + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(xr[c]) - K[c];
+      const double d = static_cast<double>(ld(xr[c])) - K[c];
       s1[c] += d;
       s2[c] += d * d;
     }
   }
 }
 
-NFT_CLONES void rows_apply(const float* x, const float* res, float* y, int64_t r0, int64_t r1, int64_t C,
-                           const float* mean, const float* scale, const float* shift, bool relu) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = x + r * C;
-    float* yr = y + r * C;
-    if (res != nullptr) {
-      const float* rr = res + r * C;
-      if (relu) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yr[c] = std::max((xr[c] - mean[c]) * scale[c] + shift[c] + rr[c], 0.0f);
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c] + rr[c];
-      }
-    } else if (relu) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = std::max((xr[c] - mean[c]) * scale[c] + shift[c], 0.0f);
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c];
-    }
-  }
-}
-
-NFT_CLONES void rows_bwd_sums(const float* dy, const float* x, const float* y, int64_t r0, int64_t r1, int64_t C,
-                              const double* mean, double* s_dz, double* s_dzx) {
-  for (int64_t c = 0; c < C; ++c) s_dz[c] = s_dzx[c] = 0.0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* dr = dy + r * C;
-    const float* xr = x + r * C;
-    if (y != nullptr) {
-      const float* yr = y + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const double dz = relu_grad(dr[c], yr[c]);
-        s_dz[c] += dz;
-        s_dzx[c] += dz * (static_cast<double>(xr[c]) - mean[c]);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const double dz = dr[c];
-        s_dz[c] += dz;
-        s_dzx[c] += dz * (static_cast<double>(xr[c]) - mean[c]);
-      }
-    }
-  }
-}
-
-// dx = a * (dz - mdz - x_hat * mdzx) in training, a * dz in eval; dres = dz. One instance per
-// flag combination (inlined into each target clone) so that the loops have no branches.
-template <bool RELU, bool DX, bool DRES, bool TRAIN, bool PLANE>
-inline __attribute__((always_inline)) void dx_span(const float* dr, const float* xr, const float* yr, float* dxr,
-                                                   float* dqr, int64_t n, const float* mean, const float* rstd,
-                                                   const float* a, const float* mdz, const float* mdzx) {
+// y = act((x - mean) * scale + shift [+ res]) over n values; PLANE: one channel (scalars at [0]).
+template <typename T, bool RES, bool RELU, bool PLANE>
+inline __attribute__((always_inline)) void apply_span(const T* xr, const T* rr, T* yr, int64_t n, const float* mean,
+                                                      const float* scale, const float* shift) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = PLANE ? 0 : i;  // a plane has one channel: its parameters are scalars
-    const float dz = RELU ? relu_grad(dr[i], yr[i]) : dr[i];
-    if (DRES) dqr[i] = dz;
-    if (DX) dxr[i] = TRAIN ? a[c] * (dz - mdz[c] - ((xr[i] - mean[c]) * rstd[c]) * mdzx[c]) : a[c] * dz;
+    const int64_t c = PLANE ? 0 : i;
+    float v = (ld(xr[i]) - mean[c]) * scale[c] + shift[c];
+    if (RES) v += ld(rr[i]);
+    if (RELU) v = std::max(v, 0.0f);
+    st(yr + i, v);
   }
 }
 
-template <bool RELU, bool DX, bool DRES, bool TRAIN, bool PLANE>
-inline __attribute__((always_inline)) void dx_rows(const float* dy, const float* x, const float* y, float* dx,
-                                                   float* dres, int64_t r0, int64_t r1, int64_t C, const float* mean,
-                                                   const float* rstd, const float* a, const float* mdz,
-                                                   const float* mdzx) {
+template <typename T, bool PLANE>
+inline __attribute__((always_inline)) void apply_rows_t(const T* x, const T* res, T* y, int64_t r0, int64_t r1,
+                                                        int64_t C, const float* mean, const float* scale,
+                                                        const float* shift, bool relu) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * C;
-    dx_span<RELU, DX, DRES, TRAIN, PLANE>(dy + o, x + o, RELU ? y + o : nullptr, DX ? dx + o : nullptr,
-                                          DRES ? dres + o : nullptr, C, mean, rstd, a, mdz, mdzx);
+    if (res != nullptr) {
+      if (relu) apply_span<T, true, true, PLANE>(x + o, res + o, y + o, C, mean, scale, shift);
+      else apply_span<T, true, false, PLANE>(x + o, res + o, y + o, C, mean, scale, shift);
+    } else if (relu) {
+      apply_span<T, false, true, PLANE>(x + o, nullptr, y + o, C, mean, scale, shift);
+    } else {
+      apply_span<T, false, false, PLANE>(x + o, nullptr, y + o, C, mean, scale, shift);
+    }
   }
 }
 
-#define NFT_DX_CASE(R, X, Q, T)                                                                          \
-  case (R) * 8 + (X) * 4 + (Q) * 2 + (T):                                                                \
-    dx_rows<R, X, Q, T, PLANE_ARG>(dy, x, y, dx, dres, r0, r1, C, mean, rstd, a, mdz, mdzx);             \
-    break;
-#define NFT_DX_SWITCH                                                                                     \
-  switch ((y != nullptr) * 8 + (dx != nullptr) * 4 + (dres != nullptr) * 2 + (training ? 1 : 0)) {      \
-    NFT_DX_CASE(0, 0, 1, 0) NFT_DX_CASE(0, 0, 1, 1) NFT_DX_CASE(0, 1, 0, 0) NFT_DX_CASE(0, 1, 0, 1)      \
-    NFT_DX_CASE(0, 1, 1, 0) NFT_DX_CASE(0, 1, 1, 1) NFT_DX_CASE(1, 0, 1, 0) NFT_DX_CASE(1, 0, 1, 1)      \
-    NFT_DX_CASE(1, 1, 0, 0) NFT_DX_CASE(1, 1, 0, 1) NFT_DX_CASE(1, 1, 1, 0) NFT_DX_CASE(1, 1, 1, 1)      \
-    default: break;                                                                                       \
+template <typename T>
+inline __attribute__((always_inline)) void rows_bwd_sums_t(const T* dy, const T* x, const T* y, int64_t r0,
+                                                           int64_t r1, int64_t C, const double* mean, double* s_dz,
+                                                           double* s_dzx) {
+  for (int64_t c = 0; c < C; ++c) s_dz[c] = s_dzx[c] = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* dr = dy + r * C;
+    const T* xr = x + r * C;
+    if (y != nullptr) {
+      const T* yr = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double dz = relu_grad(ld(dr[c]), ld(yr[c]));
+        s_dz[c] += dz;
+        s_dzx[c] += dz * (static_cast<double>(ld(xr[c])) - mean[c]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double dz = ld(dr[c]);
+        s_dz[c] += dz;
+        s_dzx[c] += dz * (static_cast<double>(ld(xr[c])) - mean[c]);
+      }
+    }
   }
-
-// Rows [r0, r1) of the rows x C layout (y only with ReLU; dx / dres null when not wanted).
-NFT_CLONES void rows_dx(const float* dy, const float* x, const float* y, float* dx, float* dres, int64_t r0,
-                        int64_t r1, int64_t C, const float* mean, const float* rstd, const float* a, const float* mdz,
-                        const float* mdzx, bool training) {
-#define PLANE_ARG false
-  NFT_DX_SWITCH
-#undef PLANE_ARG
 }
 
-// Planes: the same kernel with one "row" of S values and the channel's scalars at mean[0] etc.
-NFT_CLONES void plane_dx(const float* dy, const float* x, const float* y, float* dx, float* dres, int64_t S,
-                         const float* mean, const float* rstd, const float* a, const float* mdz, const float* mdzx,
-                         bool training) {
-  const int64_t r0 = 0, r1 = 1, C = S;
-#define PLANE_ARG true
-  NFT_DX_SWITCH
-#undef PLANE_ARG
-}
-
-// ---------------------------------------------------------------- plane kernels (one (n, c) plane)
-
-NFT_CLONES void plane_stats(const float* x, int64_t S, double K, double* out) {
+template <typename T>
+inline __attribute__((always_inline)) void plane_stats_t(const T* x, int64_t S, double K, double* out) {
   double s1 = 0.0, s2 = 0.0;
 #pragma omp simd reduction(+ : s1, s2)
   for (int64_t i = 0; i < S; ++i) {
-    const double d = static_cast<double>(x[i]) - K;
+    const double d = static_cast<double>(ld(x[i])) - K;
     s1 += d;
     s2 += d * d;
   }
@@ -184,63 +155,135 @@ NFT_CLONES void plane_stats(const float* x, int64_t S, double K, double* out) {
   out[1] = s2;
 }
 
-NFT_CLONES void plane_apply(const float* x, const float* res, float* y, int64_t S, float mean, float scale,
-                            float shift, bool relu) {
-  if (res != nullptr) {
-    if (relu) {
-#pragma omp simd
-      for (int64_t i = 0; i < S; ++i) y[i] = std::max((x[i] - mean) * scale + shift + res[i], 0.0f);
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < S; ++i) y[i] = (x[i] - mean) * scale + shift + res[i];
-    }
-  } else if (relu) {
-#pragma omp simd
-    for (int64_t i = 0; i < S; ++i) y[i] = std::max((x[i] - mean) * scale + shift, 0.0f);
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < S; ++i) y[i] = (x[i] - mean) * scale + shift;
-  }
-}
-
-NFT_CLONES void plane_bwd_sums(const float* dy, const float* x, const float* y, int64_t S, double mean,
-                               double* out) {
+template <typename T>
+inline __attribute__((always_inline)) void plane_bwd_sums_t(const T* dy, const T* x, const T* y, int64_t S,
+                                                            double mean, double* out) {
   double s1 = 0.0, s2 = 0.0;
   if (y != nullptr) {
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t i = 0; i < S; ++i) {
-      const double dz = relu_grad(dy[i], y[i]);
+      const double dz = relu_grad(ld(dy[i]), ld(y[i]));
       s1 += dz;
-      s2 += dz * (static_cast<double>(x[i]) - mean);
+      s2 += dz * (static_cast<double>(ld(x[i])) - mean);
     }
   } else {
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t i = 0; i < S; ++i) {
-      const double dz = dy[i];
+      const double dz = ld(dy[i]);
       s1 += dz;
-      s2 += dz * (static_cast<double>(x[i]) - mean);
+      s2 += dz * (static_cast<double>(ld(x[i])) - mean);
     }
   }
   out[0] = s1;
   out[1] = s2;
 }
 
+// dx = a * (dz - mdz - x_hat * mdzx) in training, a * dz in eval; dres = dz. One instance per
+// flag combination (inlined into each target clone) so that the loops have no branches.
+template <typename T, bool RELU, bool DX, bool DRES, bool TRAIN, bool PLANE>
+inline __attribute__((always_inline)) void dx_span(const T* dr, const T* xr, const T* yr, T* dxr, T* dqr, int64_t n,
+                                                   const float* mean, const float* rstd, const float* a,
+                                                   const float* mdz, const float* mdzx) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = PLANE ? 0 : i;  // a plane has one channel: its parameters are scalars
+    const float dz = RELU ? relu_grad(ld(dr[i]), ld(yr[i])) : ld(dr[i]);
+    if (DRES) st(dqr + i, dz);
+    if (DX) st(dxr + i, TRAIN ? a[c] * (dz - mdz[c] - ((ld(xr[i]) - mean[c]) * rstd[c]) * mdzx[c]) : a[c] * dz);
+  }
+}
+
+template <typename T, bool RELU, bool DX, bool DRES, bool TRAIN, bool PLANE>
+inline __attribute__((always_inline)) void dx_rows(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0,
+                                                   int64_t r1, int64_t C, const float* mean, const float* rstd,
+                                                   const float* a, const float* mdz, const float* mdzx) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * C;
+    dx_span<T, RELU, DX, DRES, TRAIN, PLANE>(dy + o, x + o, RELU ? y + o : nullptr, DX ? dx + o : nullptr,
+                                             DRES ? dres + o : nullptr, C, mean, rstd, a, mdz, mdzx);
+  }
+}
+
+#define NFT_DX_CASE(R, X, Q, T_)                                                                         \
+  case (R) * 8 + (X) * 4 + (Q) * 2 + (T_):                                                               \
+    dx_rows<T, R, X, Q, T_, PLANE>(dy, x, y, dx, dres, r0, r1, C, mean, rstd, a, mdz, mdzx);             \
+    break;
+
+// Rows [r0, r1) of the rows x C layout (y only with ReLU; dx / dres null when not wanted); a
+// plane is the same with one "row" of S values and the channel's scalars at mean[0] etc.
+template <typename T, bool PLANE>
+inline __attribute__((always_inline)) void dx_t(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0,
+                                                int64_t r1, int64_t C, const float* mean, const float* rstd,
+                                                const float* a, const float* mdz, const float* mdzx, bool training) {
+  switch ((y != nullptr) * 8 + (dx != nullptr) * 4 + (dres != nullptr) * 2 + (training ? 1 : 0)) {
+    NFT_DX_CASE(0, 0, 1, 0) NFT_DX_CASE(0, 0, 1, 1) NFT_DX_CASE(0, 1, 0, 0) NFT_DX_CASE(0, 1, 0, 1)
+    NFT_DX_CASE(0, 1, 1, 0) NFT_DX_CASE(0, 1, 1, 1) NFT_DX_CASE(1, 0, 1, 0) NFT_DX_CASE(1, 0, 1, 1)
+    NFT_DX_CASE(1, 1, 0, 0) NFT_DX_CASE(1, 1, 0, 1) NFT_DX_CASE(1, 1, 1, 0) NFT_DX_CASE(1, 1, 1, 1)
+    default: break;
+  }
+}
+#undef NFT_DX_CASE
+
+// ------------------------------------ one target_clones entry per kernel and storage type
+
+#define NFT_KERNELS(T)                                                                                              \
+  NFT_CLONES void rows_stats(const T* x, int64_t r0, int64_t r1, int64_t C, const double* K, double* s1,            \
+                             double* s2) {                                                                          \
+    rows_stats_t<T>(x, r0, r1, C, K, s1, s2);                                                                       \
+  }                                                                                                                 \
+  NFT_CLONES void rows_apply(const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C, const float* mean,  \
+                             const float* scale, const float* shift, bool relu) {                                   \
+    apply_rows_t<T, false>(x, res, y, r0, r1, C, mean, scale, shift, relu);                                         \
+  }                                                                                                                 \
+  NFT_CLONES void plane_apply(const T* x, const T* res, T* y, int64_t S, const float* mean, const float* scale,     \
+                              const float* shift, bool relu) {                                                      \
+    apply_rows_t<T, true>(x, res, y, 0, 1, S, mean, scale, shift, relu);                                            \
+  }                                                                                                                 \
+  NFT_CLONES void rows_bwd_sums(const T* dy, const T* x, const T* y, int64_t r0, int64_t r1, int64_t C,             \
+                                const double* mean, double* s_dz, double* s_dzx) {                                  \
+    rows_bwd_sums_t<T>(dy, x, y, r0, r1, C, mean, s_dz, s_dzx);                                                     \
+  }                                                                                                                 \
+  NFT_CLONES void plane_stats(const T* x, int64_t S, double K, double* out) { plane_stats_t<T>(x, S, K, out); }     \
+  NFT_CLONES void plane_bwd_sums(const T* dy, const T* x, const T* y, int64_t S, double mean, double* out) {        \
+    plane_bwd_sums_t<T>(dy, x, y, S, mean, out);                                                                    \
+  }                                                                                                                 \
+  NFT_CLONES void rows_dx(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1, int64_t C,   \
+                          const float* mean, const float* rstd, const float* a, const float* mdz, const float* mdzx, \
+                          bool training) {                                                                          \
+    dx_t<T, false>(dy, x, y, dx, dres, r0, r1, C, mean, rstd, a, mdz, mdzx, training);                              \
+  }                                                                                                                 \
+  NFT_CLONES void plane_dx(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t S, const float* mean,       \
+                           const float* rstd, const float* a, const float* mdz, const float* mdzx, bool training) {  \
+    dx_t<T, true>(dy, x, y, dx, dres, 0, 1, S, mean, rstd, a, mdz, mdzx, training);                                 \
+  }
+
+NFT_KERNELS(float)
+NFT_KERNELS(bf16)
+#undef NFT_KERNELS
+
 // Row chunks of the rows x C reductions: a function of M only (deterministic sums).
 int64_t chunk_rows(int64_t M) {
   return std::max(kMinChunkRows, (M + kMaxChunks - 1) / kMaxChunks);
 }
 
-}  // namespace
+// Rows [r0, r1) of thread t's even share of M rows.
+#ifdef _OPENMP
+#define NFT_THREAD_ROWS(M)                                                                   \
+  const int64_t T_ = omp_get_num_threads(), t_ = omp_get_thread_num();                       \
+  const int64_t per = ((M) + T_ - 1) / T_, r0 = std::min((M), t_ * per), r1 = std::min((M), r0 + per);
+#else
+#define NFT_THREAD_ROWS(M) const int64_t r0 = 0, r1 = (M);
+#endif
 
-void masked_bn_fwd_f32_cpu(const float* x, const float* res, const float* w, const float* m, const float* b,
-                           float* y, float* mean, float* rstd, float* uvar, int64_t N, int64_t C, int64_t S,
-                           bool rows_c, bool training, float eps, bool relu) {
+template <typename T>
+void fwd(const T* x, const T* res, const float* w, const float* m, const float* b, T* y, float* mean, float* rstd,
+         float* uvar, int64_t N, int64_t C, int64_t S, bool rows_c, bool training, float eps, bool relu) {
   const int64_t M = N * S;
   const bool par = M * C > kParallelWork;
   if (training) {
     // Per channel: the shift, then (sum d, sum d^2) partials, then the ordered combination.
     std::vector<double> K(C), s1(C, 0.0), s2(C, 0.0);
-    for (int64_t c = 0; c < C; ++c) K[c] = rows_c ? x[c] : x[c * S];
+    for (int64_t c = 0; c < C; ++c) K[c] = ld(rows_c ? x[c] : x[c * S]);
     if (rows_c) {
       const int64_t rpc = chunk_rows(M), P = (M + rpc - 1) / rpc;
       std::vector<double> part(2 * P * C);
@@ -283,29 +326,26 @@ void masked_bn_fwd_f32_cpu(const float* x, const float* res, const float* w, con
   if (rows_c) {
 #pragma omp parallel if (par)
     {
-#ifdef _OPENMP
-      const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-      const int64_t T = 1, t = 0;
-#endif
-      const int64_t per = (M + T - 1) / T, r0 = std::min(M, t * per), r1 = std::min(M, r0 + per);
+      NFT_THREAD_ROWS(M)
       if (r0 < r1) rows_apply(x, res, y, r0, r1, C, mean, scale.data(), shift.data(), relu);
     }
   } else {
 #pragma omp parallel for schedule(static) if (par)
     for (int64_t i = 0; i < N * C; ++i) {
       const int64_t c = i % C;
-      plane_apply(x + i * S, res != nullptr ? res + i * S : nullptr, y + i * S, S, mean[c], scale[c], shift[c], relu);
+      plane_apply(x + i * S, res != nullptr ? res + i * S : nullptr, y + i * S, S, mean + c, scale.data() + c,
+                  shift.data() + c, relu);
     }
   }
 }
 
-void masked_bn_bwd_f32_cpu(const float* dy, const float* x, const float* y, const float* w, const float* m,
-                           const float* mean, const float* rstd, float* dx, float* dres, float* dw, float* db,
-                           float* dm, int64_t N, int64_t C, int64_t S, bool rows_c, bool training, bool relu) {
+template <typename T>
+void bwd(const T* dy, const T* x, const T* y, const float* w, const float* m, const float* mean, const float* rstd,
+         T* dx, T* dres, float* dw, float* db, float* dm, int64_t N, int64_t C, int64_t S, bool rows_c, bool training,
+         bool relu) {
   const int64_t M = N * S;
   const bool par = M * C > kParallelWork;
-  const float* yr = relu ? y : nullptr;
+  const T* yr = relu ? y : nullptr;
   std::vector<double> meand(mean, mean + C), s_dz(C, 0.0), s_dzx(C, 0.0);
   if (rows_c) {
     const int64_t rpc = chunk_rows(M), P = (M + rpc - 1) / rpc;
@@ -351,12 +391,7 @@ void masked_bn_bwd_f32_cpu(const float* dy, const float* x, const float* y, cons
   if (rows_c) {
 #pragma omp parallel if (par)
     {
-#ifdef _OPENMP
-      const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-      const int64_t T = 1, t = 0;
-#endif
-      const int64_t per = (M + T - 1) / T, r0 = std::min(M, t * per), r1 = std::min(M, r0 + per);
+      NFT_THREAD_ROWS(M)
       if (r0 < r1) rows_dx(dy, x, yr, dx, dres, r0, r1, C, mean, rstd, a.data(), mdz.data(), mdzx.data(), training);
     }
   } else {
@@ -367,6 +402,33 @@ void masked_bn_bwd_f32_cpu(const float* dy, const float* x, const float* y, cons
                dres != nullptr ? dres + o : nullptr, S, mean + c, rstd + c, a.data() + c, mdz.data() + c,
                mdzx.data() + c, training);
     }
+  }
+}
+#undef NFT_THREAD_ROWS
+
+}  // namespace
+
+void masked_bn_fwd_cpu(const void* x, const void* res, const float* w, const float* m, const float* b, void* y,
+                       float* mean, float* rstd, float* uvar, int64_t N, int64_t C, int64_t S, bool rows_c,
+                       bool training, float eps, bool relu, bool is_bf16) {
+  if (is_bf16) {
+    fwd(static_cast<const bf16*>(x), static_cast<const bf16*>(res), w, m, b, static_cast<bf16*>(y), mean, rstd, uvar,
+        N, C, S, rows_c, training, eps, relu);
+  } else {
+    fwd(static_cast<const float*>(x), static_cast<const float*>(res), w, m, b, static_cast<float*>(y), mean, rstd,
+        uvar, N, C, S, rows_c, training, eps, relu);
+  }
+}
+
+void masked_bn_bwd_cpu(const void* dy, const void* x, const void* y, const float* w, const float* m,
+                       const float* mean, const float* rstd, void* dx, void* dres, float* dw, float* db, float* dm,
+                       int64_t N, int64_t C, int64_t S, bool rows_c, bool training, bool relu, bool is_bf16) {
+  if (is_bf16) {
+    bwd(static_cast<const bf16*>(dy), static_cast<const bf16*>(x), static_cast<const bf16*>(y), w, m, mean, rstd,
+        static_cast<bf16*>(dx), static_cast<bf16*>(dres), dw, db, dm, N, C, S, rows_c, training, relu);
+  } else {
+    bwd(static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(y), w, m, mean, rstd,
+        static_cast<float*>(dx), static_cast<float*>(dres), dw, db, dm, N, C, S, rows_c, training, relu);
   }
 }
 

@@ -1,10 +1,7 @@
 // Fused NFT mask update on the GPU: one thread per mask element, grid-stride loop.
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
-#include <cuda_runtime.h>
-
+#include "compat.h"
 #include "../mask_update.h"
 
 namespace nft_fast {
@@ -28,10 +25,8 @@ void mask_update_f32_cuda(float* m, const float* g, float* buf, const float* flo
   const int threads = 256;
   const int64_t want = (n + threads - 1) / threads;
   const int blocks = (int)(want < 4096 ? want : 4096);
-  mask_update_f32_kernel<<<blocks, threads, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      m, g, buf, floor, n, lr, momentum, reg_scale);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("mask_update_f32_cuda: ") + cudaGetErrorString(err));
+  NFT_LAUNCH(mask_update_f32_kernel, blocks, threads, stream, m, g, buf, floor, n, lr, momentum, reg_scale);
+  NFT_CHECK_LAUNCH("mask_update_f32_cuda");
 }
 
 }  // namespace nft_fast

@@ -40,8 +40,8 @@ def backend_available(name: str) -> bool:
         return True
     if name == "cpp":
         return _build.cpp_compiled()
-    if name == "cuda":
-        return _build.cuda_compiled() and torch.cuda.is_available()
+    if name == "cuda":  # a GPU, or the CPU emulator (NFT_FAST_CUDA_EMU=1, like TRITON_INTERPRET)
+        return (_build.cuda_compiled() and torch.cuda.is_available()) or _build.cuda_emu_enabled()
     if name == "triton":
         return _build.triton_usable()
     return False
@@ -91,7 +91,9 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     if backend == "cpp":
         return device.type == "cpu"
     if backend == "cuda":
-        return device.type == "cuda"
+        from .. import _build
+
+        return device.type == "cuda" or (device.type == "cpu" and _build.cuda_emu_enabled())
     if backend == "triton":
         from .. import _build
 

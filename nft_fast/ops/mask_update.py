@@ -63,8 +63,9 @@ def mask_update_cuda(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
         return fn(mask, grad, buf, floor, lr, momentum, reg_scale)
     if mask.dtype != torch.float32:
         return mask_update_torch(mask, grad, buf, floor, lr, momentum, reg_scale)
-    stream = torch.cuda.current_stream(mask.device).cuda_stream
-    _build.ext().mask_update_cuda_f32(
+    # CPU tensors run on the emulator (NFT_FAST_CUDA_EMU=1), which takes stream 0.
+    stream = torch.cuda.current_stream(mask.device).cuda_stream if mask.device.type == "cuda" else 0
+    _build.cuda_ext(mask.device).mask_update_cuda_f32(
         mask.data_ptr(), grad.data_ptr(), buf.data_ptr(), floor.data_ptr(), mask.numel(),
         float(lr), float(momentum), float(reg_scale), stream,
     )

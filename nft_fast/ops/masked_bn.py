@@ -50,13 +50,6 @@ def masked_bn_fwd(
     return K.forward(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu)
 
 
-@masked_bn_fwd.register_fake
-def _(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu):
-    C = x.shape[1]
-    stat = x.new_empty((C,), dtype=torch.float32)
-    return (torch.empty_like(x), stat, torch.empty_like(stat), x.new_empty((C if training else 0,), dtype=torch.float32))
-
-
 @torch.library.custom_op("nft_fast::masked_bn_bwd", mutates_args=())
 def masked_bn_bwd(
     dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor,
@@ -69,8 +62,13 @@ def masked_bn_bwd(
     return [dx if dx is not None else x.new_empty((0,)), dres if dres is not None else x.new_empty((0,)), dw, db, dm]
 
 
-@masked_bn_bwd.register_fake
-def _(dy, x, y, weight, mask, mean, rstd, training, relu, need_dx, need_dres):
+def _fwd_fake(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu):
+    C = x.shape[1]
+    stat = x.new_empty((C,), dtype=torch.float32)
+    return (torch.empty_like(x), stat, torch.empty_like(stat), x.new_empty((C if training else 0,), dtype=torch.float32))
+
+
+def _bwd_fake(dy, x, y, weight, mask, mean, rstd, training, relu, need_dx, need_dres):
     return [torch.empty_like(x) if need_dx else x.new_empty((0,)), torch.empty_like(x) if need_dres else x.new_empty((0,)),
             torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(mask)]
 
@@ -103,6 +101,8 @@ def _backward(ctx, dy, _dmean, _drstd, _dvar):
 
 
 masked_bn_fwd.register_autograd(_backward, setup_context=_setup)
+masked_bn_fwd.register_fake(_fwd_fake)
+masked_bn_bwd.register_fake(_bwd_fake)
 
 
 def _update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, uvar: Tensor, momentum: float) -> None:
@@ -141,12 +141,19 @@ def masked_batch_norm_triton(x, running_mean, running_var, weight, bias, mask, t
 
 
 # ------------------------------------------------------------------------------------------
-# cpp backend: the C++ (OpenMP) CPU kernels of csrc/cpu/masked_bn.cpp, fp32 only.
+# cpp and cuda backends: the C++ (OpenMP) CPU kernels of csrc/cpu/masked_bn.cpp and the CUDA
+# kernels of csrc/cuda/masked_bn.cu, one Python path for both: fp32 or bf16 activations (a bf16
+# autocast step's conv outputs), fp32 parameters and statistics, NCHW / channels_last / 2-D.
+# Under NFT_FAST_CUDA_EMU=1 (tests without a GPU) the cuda kernels run on CPU tensors in the
+# emulator module nft_fast._cuda_emu.
 # ------------------------------------------------------------------------------------------
 
-def _cpp_rows_layout(x: Tensor) -> Optional[bool]:
+_EXT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _rows_layout(x: Tensor) -> Optional[bool]:
     """True: ``x`` is a dense "rows x C" matrix (channels_last 1d-3d, 2-D (N, C), or no spatial
-    extent); False: dense (N, C, S) planes (NCHW); None: neither (the cpp path does not take it)."""
+    extent); False: dense (N, C, S) planes (NCHW); None: neither (the kernels do not take it)."""
     S = x.numel() // max(x.shape[0] * x.shape[1], 1)
     if x.is_contiguous():
         return x.dim() == 2 or S == 1
@@ -155,20 +162,32 @@ def _cpp_rows_layout(x: Tensor) -> Optional[bool]:
     return None
 
 
-def _cpp_takes(x: Tensor, *others: Optional[Tensor]) -> bool:
-    """Whether the C++ kernels run this call (else the torch implementation does)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.numel() == 0:
+def _ext_device_ok(kind: str, device: torch.device) -> bool:
+    if kind == "cpp":
+        return device.type == "cpu"
+    from .. import _build
+
+    return device.type == "cuda" or (device.type == "cpu" and _build.cuda_emu_enabled())
+
+
+def _ext_takes(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
+               residual: Optional[Tensor]) -> bool:
+    """Whether backend ``kind``'s kernels run this call (else the torch implementation does): x fp32
+    or bf16 on the backend's device (the residual alike), fp32 parameters there, a dense layout."""
+    if not _ext_device_ok(kind, x.device) or x.dtype not in _EXT_DTYPES or x.dim() < 2 or x.numel() == 0:
         return False
-    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in others):
+    if any(t is not None and (t.device != x.device or t.dtype != torch.float32) for t in (weight, bias, mask)):
         return False
-    return _cpp_rows_layout(x) is not None
+    if residual is not None and (residual.device != x.device or residual.dtype != x.dtype):
+        return False
+    return _rows_layout(x) is not None
 
 
 def _same_layout(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` (same shape as ``x``) as fp32 with ``x``'s strides (a copy only when they differ)."""
-    if t.dtype == torch.float32 and t.stride() == x.stride():
+    """``t`` (same shape as ``x``) in ``x``'s dtype and strides (a copy only when they differ)."""
+    if t.dtype == x.dtype and t.stride() == x.stride():
         return t
-    return torch.empty_like(x, dtype=torch.float32).copy_(t)
+    return torch.empty_like(x).copy_(t)
 
 
 def _ncs(x: Tensor) -> Tuple[int, int, int]:
@@ -180,15 +199,30 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _cpp_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, residual: Optional[Tensor],
-                  running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
-                  relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _cuda_launch(x: Tensor, N: int, C: int, S: int, rows: bool):
+    """``(module, sms, stream, workspace)`` of a CUDA (or emulated) masked-BN launch on ``x``."""
     from .. import _build
 
-    rows = _cpp_rows_layout(x)
-    if rows is None or not _cpp_takes(x, weight, bias, mask, residual):
-        raise ValueError(f"masked_bn_cpp_fwd: needs dense fp32 CPU tensors (NCHW, channels_last or 2-D), got "
-                         f"{x.dtype} on {x.device} with strides {x.stride()}")
+    mod = _build.cuda_ext(x.device)
+    if x.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+    else:  # the emulator: a small "GPU" so that the split reductions have several chunks
+        sms, stream = 2, 0
+    _, _, ws = mod.masked_bn_cuda_plan(N, C, S, rows, sms)
+    return mod, sms, stream, torch.empty((ws,), dtype=torch.float32, device=x.device)
+
+
+def _ext_fwd_impl(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
+                  residual: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  training: bool, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .. import _build
+
+    rows = _rows_layout(x)
+    if rows is None or not _ext_takes(kind, x, weight, bias, mask, residual):
+        raise ValueError(f"masked_bn_{kind}_fwd: needs dense fp32/bf16 tensors on the backend's device (NCHW, "
+                         f"channels_last or 2-D) and fp32 parameters, got {x.dtype} on {x.device} with strides "
+                         f"{x.stride()}")
     N, C, S = _ncs(x)
     y = torch.empty_like(x)
     res = _same_layout(residual, x) if residual is not None else None
@@ -203,39 +237,27 @@ def _cpp_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tenso
             raise ValueError("masked_batch_norm: eval mode needs running statistics")
         mean = running_mean.to(torch.float32, copy=True).contiguous()
         rstd = torch.rsqrt(running_var.to(torch.float32) + eps).contiguous()
-    _build.ext().masked_bn_fwd_f32(x.data_ptr(), _ptr(res), w.data_ptr(), m.data_ptr(), _ptr(b), y.data_ptr(),
-                                   mean.data_ptr(), rstd.data_ptr(), _ptr(uvar) if training else 0, N, C, S, rows,
-                                   bool(training), float(eps), bool(relu))
+    args = (x.data_ptr(), _ptr(res), w.data_ptr(), m.data_ptr(), _ptr(b), y.data_ptr(), mean.data_ptr(),
+            rstd.data_ptr(), _ptr(uvar) if training else 0)
+    flags = (N, C, S, rows, bool(training), float(eps), bool(relu), x.dtype == torch.bfloat16)
+    if kind == "cpp":
+        _build.ext().masked_bn_fwd_cpu(*args, *flags)
+    else:
+        mod, sms, stream, ws = _cuda_launch(x, N, C, S, rows)
+        mod.masked_bn_fwd_cuda(*args, ws.data_ptr(), *flags, sms, stream)
     return y, mean, rstd, uvar
 
 
-@torch.library.custom_op("nft_fast::masked_bn_cpp_fwd", mutates_args=())
-def masked_bn_cpp_fwd(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, residual: Optional[Tensor],
-    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float, relu: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """C++ forward: ``(y, mean, rstd, unbiased_var)`` as :func:`masked_bn_fwd` (fp32 CPU tensors,
-    x NCHW- or channels_last-contiguous or 2-D contiguous)."""
-    return _cpp_fwd_impl(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu)
-
-
-@masked_bn_cpp_fwd.register_fake
-def _(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu):
-    C = x.shape[1]
-    stat = x.new_empty((C,), dtype=torch.float32)
-    return (torch.empty_like(x), stat, torch.empty_like(stat), x.new_empty((C if training else 0,), dtype=torch.float32))
-
-
-def _cpp_bwd_impl(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, mask: Tensor, mean: Tensor,
+def _ext_bwd_impl(kind: str, dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, mask: Tensor, mean: Tensor,
                   rstd: Tensor, training: bool, relu: bool, need_dx: bool, need_dres: bool) -> List[Tensor]:
     from .. import _build
 
-    rows = _cpp_rows_layout(x)
-    if rows is None or not _cpp_takes(x, weight, mask):
-        raise ValueError(f"masked_bn_cpp_bwd: needs dense fp32 CPU tensors, got {x.dtype} on {x.device} "
-                         f"with strides {x.stride()}")
+    rows = _rows_layout(x)
+    if rows is None or not _ext_takes(kind, x, weight, None, mask, None):
+        raise ValueError(f"masked_bn_{kind}_bwd: needs dense fp32/bf16 tensors on the backend's device, got "
+                         f"{x.dtype} on {x.device} with strides {x.stride()}")
     if relu and y is None:
-        raise ValueError("masked_bn_cpp_bwd: relu needs the forward output y")
+        raise ValueError(f"masked_bn_{kind}_bwd: relu needs the forward output y")
     N, C, S = _ncs(x)
     dy = _same_layout(dy, x)
     yy = _same_layout(y, x) if relu else None
@@ -243,74 +265,89 @@ def _cpp_bwd_impl(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, ma
     dw, db, dm = torch.empty_like(w), torch.empty_like(w), torch.empty_like(m)
     dx = torch.empty_like(x) if need_dx else None
     dres = torch.empty_like(x) if need_dres else None
-    _build.ext().masked_bn_bwd_f32(dy.data_ptr(), x.data_ptr(), _ptr(yy), w.data_ptr(), m.data_ptr(),
-                                   mean.contiguous().data_ptr(), rstd.contiguous().data_ptr(), _ptr(dx), _ptr(dres),
-                                   dw.data_ptr(), db.data_ptr(), dm.data_ptr(), N, C, S, rows, bool(training),
-                                   bool(relu))
+    args = (dy.data_ptr(), x.data_ptr(), _ptr(yy), w.data_ptr(), m.data_ptr(), mean.contiguous().data_ptr(),
+            rstd.contiguous().data_ptr(), _ptr(dx), _ptr(dres), dw.data_ptr(), db.data_ptr(), dm.data_ptr())
+    flags = (N, C, S, rows, bool(training), bool(relu), x.dtype == torch.bfloat16)
+    if kind == "cpp":
+        _build.ext().masked_bn_bwd_cpu(*args, *flags)
+    else:
+        mod, sms, stream, ws = _cuda_launch(x, N, C, S, rows)
+        mod.masked_bn_bwd_cuda(*args, ws.data_ptr(), *flags, sms, stream)
     return [dx if dx is not None else x.new_empty((0,)), dres if dres is not None else x.new_empty((0,)), dw, db, dm]
 
 
-@torch.library.custom_op("nft_fast::masked_bn_cpp_bwd", mutates_args=())
-def masked_bn_cpp_bwd(
-    dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor,
-    training: bool, relu: bool, need_dx: bool, need_dres: bool,
-) -> List[Tensor]:
-    """C++ backward: ``[dx, dresidual, dweight, dbias, dmask]`` as :func:`masked_bn_bwd`."""
-    return _cpp_bwd_impl(dy, x, y, weight, mask, mean, rstd, training, relu, need_dx, need_dres)
+def _define_ext_ops(kind: str):
+    """The custom ops ``nft_fast::masked_bn_{kind}_fwd/_bwd`` (what torch.compile traces), their
+    fake implementations and autograd, and the eager autograd Function of backend ``kind``."""
+
+    def fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, residual: Optional[Tensor],
+            running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+            relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _ext_fwd_impl(kind, x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu)
+
+    def bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, mask: Tensor, mean: Tensor, rstd: Tensor,
+            training: bool, relu: bool, need_dx: bool, need_dres: bool) -> List[Tensor]:
+        return _ext_bwd_impl(kind, dy, x, y, weight, mask, mean, rstd, training, relu, need_dx, need_dres)
+
+    fwd.__doc__ = (f"{kind} forward: ``(y, mean, rstd, unbiased_var)`` as :func:`masked_bn_fwd` (fp32/bf16 "
+                   "activations, NCHW- or channels_last-contiguous or 2-D).")
+    bwd.__doc__ = f"{kind} backward: ``[dx, dresidual, dweight, dbias, dmask]`` as :func:`masked_bn_bwd`."
+    fwd_op = torch.library.custom_op(f"nft_fast::masked_bn_{kind}_fwd", mutates_args=())(fwd)
+    bwd_op = torch.library.custom_op(f"nft_fast::masked_bn_{kind}_bwd", mutates_args=())(bwd)
+    fwd_op.register_fake(_fwd_fake)
+    bwd_op.register_fake(_bwd_fake)
+    fwd_op.register_autograd(lambda ctx, dy, _m, _r, _v: _grads(bwd_op, ctx, dy), setup_context=_setup)
+
+    class Eager(torch.autograd.Function):
+        """The same forward/backward as the custom ops without the dispatcher round trips
+        (about 0.1-0.3 ms a layer on the CPU, as much as the kernels on small layers); used
+        outside torch.compile, which traces the custom ops instead."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu):
+            out = fwd(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu)
+            _setup(ctx, (x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu), out)
+            ctx.mark_non_differentiable(*out[1:])
+            return out
+
+        @staticmethod
+        def backward(ctx, dy, _dmean, _drstd, _dvar):
+            return _grads(bwd, ctx, dy)
+
+    Eager.__name__ = Eager.__qualname__ = f"_MaskedBN{kind.capitalize()}Eager"
+
+    def masked_batch_norm_ext(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,
+                              residual=None, relu=False):
+        _check(x, weight, mask, residual, training)
+        if not _ext_takes(kind, x, weight, bias, mask, residual):
+            return masked_batch_norm_torch(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,
+                                           residual, relu)
+        if not training and running_mean is None:
+            raise ValueError("masked_batch_norm: eval mode needs running statistics")
+        op = fwd_op if torch.compiler.is_compiling() else Eager.apply
+        y, mean, _, uvar = op(x, weight, bias, mask, residual, running_mean, running_var, bool(training), float(eps),
+                              bool(relu))
+        if training and running_mean is not None:
+            _update_running(running_mean, running_var, mean, uvar, momentum)
+        return y
+
+    masked_batch_norm_ext.__name__ = f"masked_batch_norm_{kind}"
+    masked_batch_norm_ext.__doc__ = (
+        f"{kind} masked BatchNorm (same semantics as :func:`masked_batch_norm_torch`). fp32 or bf16 "
+        "activations in NCHW / channels_last(_3d) / 2-D contiguous layouts with fp32 parameters run the kernels "
+        "(bf16: fp32 arithmetic, one rounding of y, where torch rounds bn(x) and then the residual sum); anything "
+        "else (other dtypes, devices or layouts) runs the torch implementation.")
+    return fwd_op, bwd_op, Eager, masked_batch_norm_ext
 
 
-@masked_bn_cpp_bwd.register_fake
-def _(dy, x, y, weight, mask, mean, rstd, training, relu, need_dx, need_dres):
-    return [torch.empty_like(x) if need_dx else x.new_empty((0,)), torch.empty_like(x) if need_dres else x.new_empty((0,)),
-            torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(mask)]
-
-
-def _backward_cpp(ctx, dy, _dmean, _drstd, _dvar):
-    return _grads(masked_bn_cpp_bwd, ctx, dy)
-
-
-masked_bn_cpp_fwd.register_autograd(_backward_cpp, setup_context=_setup)
-
-
-class _MaskedBNCppEager(torch.autograd.Function):
-    """The same forward/backward as the custom ops without the dispatcher round trips
-    (about 0.1-0.3 ms a layer on the CPU, as much as the kernels on small layers); used
-    outside torch.compile, which traces the custom ops instead."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu):
-        out = _cpp_fwd_impl(x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu)
-        _setup(ctx, (x, weight, bias, mask, residual, running_mean, running_var, training, eps, relu), out)
-        ctx.mark_non_differentiable(*out[1:])
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, _dmean, _drstd, _dvar):
-        return _grads(_cpp_bwd_impl, ctx, dy)
-
-
-def masked_batch_norm_cpp(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,
-                          residual=None, relu=False):
-    """C++ masked BatchNorm (same semantics as :func:`masked_batch_norm_torch`). fp32 CPU tensors
-    in NCHW / channels_last(_3d) / 2-D contiguous layouts run the kernels; anything else (other
-    dtypes, other layouts) runs the torch implementation."""
-    _check(x, weight, mask, residual, training)
-    if not _cpp_takes(x, weight, bias, mask, residual):
-        return masked_batch_norm_torch(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,
-                                       residual, relu)
-    if not training and running_mean is None:
-        raise ValueError("masked_batch_norm: eval mode needs running statistics")
-    op = masked_bn_cpp_fwd if torch.compiler.is_compiling() else _MaskedBNCppEager.apply
-    y, mean, _, uvar = op(x, weight, bias, mask, residual, running_mean, running_var, bool(training), float(eps),
-                          bool(relu))
-    if training and running_mean is not None:
-        _update_running(running_mean, running_var, mean, uvar, momentum)
-    return y
+masked_bn_cpp_fwd, masked_bn_cpp_bwd, _MaskedBNCppEager, masked_batch_norm_cpp = _define_ext_ops("cpp")
+masked_bn_cuda_fwd, masked_bn_cuda_bwd, _MaskedBNCudaEager, masked_batch_norm_cuda = _define_ext_ops("cuda")
 
 
 register("masked_bn", "torch", masked_batch_norm_torch)
 register("masked_bn", "triton", masked_batch_norm_triton)
 register("masked_bn", "cpp", masked_batch_norm_cpp)
+register("masked_bn", "cuda", masked_batch_norm_cuda)
 
 
 def masked_batch_norm(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,

@@ -9,6 +9,10 @@
 path reads it inside the kernel, so a captured CUDA graph can be fed fresh values). ``perm``
 is an integer tensor of length B; its values and the labels are not range-checked on the
 device (that would need a host sync): they must lie in ``[0, B)`` and ``[0, K)``.
+
+Backends: ``torch`` (the oracle), ``triton`` and ``cpp`` (C++/OpenMP, csrc/cpu/mixup.cpp: fp32
+and bf16 CPU tensors; its batch is bit-equal to the oracle, and being on the CPU it does check
+the indices, raising IndexError like torch).
 """
 from __future__ import annotations
 
@@ -218,6 +222,177 @@ def mixup_cross_entropy_triton(logits: torch.Tensor, y: torch.Tensor, perm: torc
 
 register("mixup_batch", "triton", mixup_batch_triton)
 register("mixup_ce", "triton", mixup_cross_entropy_triton)
+
+
+# ------------------------------------------------------------------------------ cpp (C++) ops
+# The C++/OpenMP kernels of csrc/cpu/mixup.cpp: CPU tensors with fp32 or bf16 storage (fp32
+# arithmetic). Custom ops (fake impls, autograd) for torch.compile; eagerly the kernels are
+# called directly (mixup_batch has no backward) or through a plain autograd.Function, which
+# skips the dispatcher round trips (as much time as the kernels at these sizes).
+
+_CPP_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _lam_pair(lam_t: Optional[torch.Tensor], lam: float) -> Tuple[float, float]:
+    """``(lam, 1 - lam)`` as Python floats, ``1 - lam`` as the torch oracle rounds it: in double
+    for a float (the kernels round both to fp32, as torch's scalar multiply does), in the
+    tensor's dtype for a tensor (for float32 the kernel's fp32 rounding of the exact double
+    difference is that value, so only half-precision lam needs a torch op)."""
+    if lam_t is None:
+        lam = float(lam)
+        return lam, 1.0 - lam
+    v = lam_t.item()
+    if lam_t.dtype in (torch.float64, torch.float32):
+        return v, 1.0 - v
+    return v, (1 - lam_t).item()
+
+
+def _batch_cpp_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return x.device.type == "cpu" and x.dtype in _CPP_DTYPES and dtype in _CPP_DTYPES and x.numel() > 0
+
+
+def _batch_cpp_impl(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
+                    dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    from .. import _build
+
+    if not _batch_cpp_takes(x, dtype) or perm.device.type != "cpu":
+        raise ValueError(f"mixup_batch_cpp: needs non-empty fp32/bf16 CPU tensors, got {x.dtype} -> {dtype} "
+                         f"on {x.device}")
+    lam, oml = _lam_pair(lam_t, lam)
+    fmt = channels_last_format(x.dim(), channels_last)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+    B = x.shape[0]
+    N = x.numel() // B
+    # Per sample x is a row-major (R, Q) matrix; out is it or its transpose (the layout change).
+    if x.dim() in (4, 5):
+        C = x.shape[1]
+        if not x.is_contiguous() and x.is_contiguous(memory_format=channels_last_format(x.dim(), True)):
+            R, Q, transpose = N // C, C, not channels_last  # (S, C) rows
+        else:
+            x = x.contiguous()
+            R, Q, transpose = C, N // C, bool(channels_last)
+    else:
+        x = x.contiguous()
+        R, Q, transpose = 1, N, False
+    perm = perm.contiguous()
+    _build.ext().mixup_batch(x.data_ptr(), x.dtype == torch.bfloat16, perm.data_ptr(), perm.dtype == torch.int32,
+                             out.data_ptr(), dtype == torch.bfloat16, B, R, Q, transpose, lam, oml)
+    return out
+
+
+@torch.library.custom_op("nft_fast::mixup_batch_cpp", mutates_args=())
+def _mixup_batch_cpp_op(
+    x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
+    dtype: torch.dtype, channels_last: bool,
+) -> torch.Tensor:
+    return _batch_cpp_impl(x, perm, lam_t, lam, dtype, channels_last)
+
+
+@_mixup_batch_cpp_op.register_fake
+def _(x, perm, lam_t, lam, dtype, channels_last):
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=channels_last_format(x.dim(), channels_last))
+
+
+def _ce_cpp_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor],
+                     lam: float, need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    from .. import _build
+
+    if logits.device.type != "cpu" or logits.dtype not in _CPP_DTYPES:
+        raise ValueError(f"mixup_ce_cpp_fwd: needs fp32/bf16 CPU logits, got {logits.dtype} on {logits.device}")
+    lam, oml = _lam_pair(lam_t, lam)
+    z, y, perm = logits.contiguous(), y.contiguous(), perm.contiguous()
+    B, K = z.shape
+    loss = z.new_empty((), dtype=torch.float32)
+    dlogits = z.new_empty((B, K), dtype=torch.float32) if need_grad else None
+    _build.ext().mixup_ce_fwd(z.data_ptr(), z.dtype == torch.bfloat16, y.data_ptr(), perm.data_ptr(),
+                              perm.dtype == torch.int32, 0 if dlogits is None else dlogits.data_ptr(),
+                              loss.data_ptr(), B, K, lam, oml)
+    return loss, dlogits
+
+
+def _ce_cpp_bwd_impl(grad: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (dlogits * grad).to(dtype)
+
+
+@torch.library.custom_op("nft_fast::mixup_ce_cpp_fwd", mutates_args=())
+def _mixup_ce_cpp_fwd_op(
+    logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _ce_cpp_fwd_impl(logits, y, perm, lam_t, lam)
+
+
+@_mixup_ce_cpp_fwd_op.register_fake
+def _(logits, y, perm, lam_t, lam):
+    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("nft_fast::mixup_ce_cpp_bwd", mutates_args=())
+def _mixup_ce_cpp_bwd_op(grad: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _ce_cpp_bwd_impl(grad, dlogits, dtype)
+
+
+@_mixup_ce_cpp_bwd_op.register_fake
+def _(grad, dlogits, dtype):
+    return dlogits.new_empty(dlogits.shape, dtype=dtype)
+
+
+def _ce_cpp_backward(ctx, grad_loss, grad_dlogits):
+    (dlogits,) = ctx.saved_tensors
+    return _mixup_ce_cpp_bwd_op(grad_loss, dlogits, ctx.logits_dtype), None, None, None, None
+
+
+_mixup_ce_cpp_fwd_op.register_autograd(_ce_cpp_backward, setup_context=_ce_setup_context)
+
+
+class _MixupCECppEager(torch.autograd.Function):
+    """The custom ops' forward/backward without the dispatcher (used outside torch.compile)."""
+
+    @staticmethod
+    def forward(ctx, logits, y, perm, lam_t, lam):
+        loss, dlogits = _ce_cpp_fwd_impl(logits, y, perm, lam_t, lam)
+        ctx.logits_dtype = logits.dtype
+        ctx.save_for_backward(dlogits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (dlogits,) = ctx.saved_tensors
+        return _ce_cpp_bwd_impl(grad, dlogits, ctx.logits_dtype), None, None, None, None
+
+
+def mixup_batch_cpp(
+    x: torch.Tensor, perm: torch.Tensor, lam: Lam, dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """C++ :func:`mixup_batch_torch`: one pass over fp32/bf16 CPU data, the layout change
+    (NCHW <-> channels_last) fused in; bit-equal to the oracle. Other dtypes and devices run
+    the torch implementation; x in another layout is made contiguous first."""
+    _check_batch(x, perm, lam, dtype)
+    dtype = x.dtype if dtype is None else dtype
+    if not _batch_cpp_takes(x, dtype):
+        return mixup_batch_torch(x, perm, lam, dtype, channels_last)
+    lam_t, lam_f = _split_lam(lam)
+    if torch.compiler.is_compiling():
+        return _mixup_batch_cpp_op(x, perm, lam_t, lam_f, dtype, bool(channels_last))
+    return _batch_cpp_impl(x, perm, lam_t, lam_f, dtype, bool(channels_last))
+
+
+def mixup_cross_entropy_cpp(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: Lam) -> torch.Tensor:
+    """C++ :func:`mixup_cross_entropy_torch` (fp32/bf16 CPU logits; others run the torch one):
+    loss and logit gradient in one pass per row, the backward scales the stored gradient."""
+    _check_ce(logits, y, perm, lam)
+    if logits.device.type != "cpu" or logits.dtype not in _CPP_DTYPES:
+        return mixup_cross_entropy_torch(logits, y, perm, lam)
+    lam_t, lam_f = _split_lam(lam)
+    if torch.compiler.is_compiling():
+        return _mixup_ce_cpp_fwd_op(logits, y, perm, lam_t, lam_f)[0]
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _MixupCECppEager.apply(logits, y, perm, lam_t, lam_f)
+    return _ce_cpp_fwd_impl(logits, y, perm, lam_t, lam_f, need_grad=False)[0]
+
+
+register("mixup_batch", "cpp", mixup_batch_cpp)
+register("mixup_ce", "cpp", mixup_cross_entropy_cpp)
 
 
 # -------------------------------------------------------------------------------- dispatch

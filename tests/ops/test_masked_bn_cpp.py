@@ -1,4 +1,7 @@
-"""Masked BatchNorm (+ residual + ReLU): the cpp backend (C++/OpenMP, fp32 CPU) against the torch oracle."""
+"""Masked BatchNorm (+ residual + ReLU): the C++ kernels (cpp: CPU/OpenMP; cuda: csrc/cuda, on a GPU
+or, without one, on the CPU emulator under NFT_FAST_CUDA_EMU=1) against the torch oracle."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,10 +10,27 @@ from bn_cases import BN_SHAPES, bn_inputs, bn_run, close  # noqa: E402
 
 import nft_fast
 from nft_fast import _build, ops
-from nft_fast.ops.masked_bn import (masked_batch_norm_cpp, masked_batch_norm_torch, masked_bn_cpp_bwd,
-                                    masked_bn_cpp_fwd)
+from nft_fast.ops import masked_bn as MB
+from nft_fast.ops.masked_bn import masked_batch_norm_torch
 
 pytestmark = pytest.mark.skipif(not _build.cpp_compiled(), reason="C++ extension not built")
+
+
+def _kinds():
+    kinds = [pytest.param("cpp")]
+    kinds.append(pytest.param("cuda", marks=pytest.mark.skipif(not ops.backend_available("cuda"),
+                                                                reason="no CUDA device and no emulator")))
+    return kinds
+
+
+@pytest.fixture(params=_kinds())
+def impl(request):
+    """The backend under test: its masked_batch_norm, custom ops and the device of its tensors."""
+    kind = request.param
+    dev = "cuda" if kind == "cuda" and torch.cuda.is_available() else "cpu"
+    return SimpleNamespace(kind=kind, device=dev, fn=getattr(MB, f"masked_batch_norm_{kind}"),
+                           fwd=getattr(MB, f"masked_bn_{kind}_fwd"), bwd=getattr(MB, f"masked_bn_{kind}_bwd"))
+
 
 # (shape, memory format): C not a power of two; N*S of 7, 45, 1088 and > 1000; 1d/2d/3d; both layouts.
 SHAPES = BN_SHAPES + [
@@ -20,8 +40,8 @@ SHAPES = BN_SHAPES + [
 ]
 
 
-def _inputs(shape, fmt, seed, dtype=torch.float32):
-    return bn_inputs(shape, fmt, seed, dtype)
+def _inputs(shape, fmt, seed, dtype=torch.float32, device="cpu"):
+    return bn_inputs(shape, fmt, seed, dtype, device)
 
 
 _run, _close = bn_run, close
@@ -29,11 +49,11 @@ _run, _close = bn_run, close
 
 @pytest.mark.parametrize("shape,fmt", SHAPES)
 @pytest.mark.parametrize("relu,use_res", [(False, False), (True, False), (False, True), (True, True)])
-def test_train_forward_backward_match_torch(shape, fmt, relu, use_res):
-    args = _inputs(shape, fmt, seed=sum(shape))
+def test_train_forward_backward_match_torch(impl, shape, fmt, relu, use_res):
+    args = _inputs(shape, fmt, seed=sum(shape), device=impl.device)
     grads = ("x", "m", "w", "b") + (("res",) if use_res else ())
     y0, rm0, rv0, g0 = _run(masked_batch_norm_torch, *args, relu=relu, use_res=use_res, grads=grads)
-    y1, rm1, rv1, g1 = _run(masked_batch_norm_cpp, *args, relu=relu, use_res=use_res, grads=grads)
+    y1, rm1, rv1, g1 = _run(impl.fn, *args, relu=relu, use_res=use_res, grads=grads)
     _close(y1, y0)
     assert y1.stride() == args[0].stride(), "output keeps the input's memory format"
     _close(rm1, rm0)
@@ -47,11 +67,11 @@ def test_train_forward_backward_match_torch(shape, fmt, relu, use_res):
 @pytest.mark.parametrize("shape,fmt", [((1, 5), None), ((7, 3), None), ((4, 3, 17, 16), torch.channels_last),
                                        ((4, 3, 17, 16), None)])
 @pytest.mark.parametrize("relu,use_res", [(False, False), (True, True)])
-def test_eval_mode_uses_running_stats(shape, fmt, relu, use_res):
-    args = _inputs(shape, fmt, seed=3)
+def test_eval_mode_uses_running_stats(impl, shape, fmt, relu, use_res):
+    args = _inputs(shape, fmt, seed=3, device=impl.device)
     grads = ("x", "m", "w", "b") + (("res",) if use_res else ())
     y0, rm0, rv0, g0 = _run(masked_batch_norm_torch, *args, training=False, relu=relu, use_res=use_res, grads=grads)
-    y1, rm1, rv1, g1 = _run(masked_batch_norm_cpp, *args, training=False, relu=relu, use_res=use_res, grads=grads)
+    y1, rm1, rv1, g1 = _run(impl.fn, *args, training=False, relu=relu, use_res=use_res, grads=grads)
     _close(y1, y0)
     assert torch.equal(rm1, rm0) and torch.equal(rv1, rv0), "eval mode must not touch running stats"
     for k in g0:
@@ -59,34 +79,35 @@ def test_eval_mode_uses_running_stats(shape, fmt, relu, use_res):
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
-def test_no_running_stats_and_no_bias(fmt):
-    args = _inputs((6, 4, 3, 3), fmt, seed=5)
+def test_no_running_stats_and_no_bias(impl, fmt):
+    args = _inputs((6, 4, 3, 3), fmt, seed=5, device=impl.device)
     y0, _, _, g0 = _run(masked_batch_norm_torch, *args, running=False, bias=False, relu=True, grads=("x", "m", "w"))
-    y1, _, _, g1 = _run(masked_batch_norm_cpp, *args, running=False, bias=False, relu=True, grads=("x", "m", "w"))
+    y1, _, _, g1 = _run(impl.fn, *args, running=False, bias=False, relu=True, grads=("x", "m", "w"))
     _close(y1, y0)
     for k in g0:
         _close(g1[k], g0[k], scale=10, rtol=1e-4)
 
 
-def test_mixed_layouts_of_residual_and_grad():
+def test_mixed_layouts_of_residual_and_grad(impl):
     # x channels_last, residual and incoming gradient NCHW: the op copies them to x's layout.
-    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), torch.channels_last, seed=9)
+    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), torch.channels_last, seed=9, device=impl.device)
     grads = ("x", "m", "res")
     y0, _, _, g0 = _run(masked_batch_norm_torch, x, w, b, m, res, dy, relu=True, use_res=True, grads=grads)
-    y1, _, _, g1 = _run(masked_batch_norm_cpp, x, w, b, m, res.contiguous(), dy.contiguous(), relu=True,
+    y1, _, _, g1 = _run(impl.fn, x, w, b, m, res.contiguous(), dy.contiguous(), relu=True,
                         use_res=True, grads=grads)
     _close(y1, y0)
     for k in grads:
         _close(g1[k], g0[k], scale=10, rtol=1e-4)
 
 
-def test_numerically_hard_input():
+def test_numerically_hard_input(impl):
     # Large offset, small spread: a naive E[x^2]-E[x]^2 in fp32 loses the variance.
     g = torch.Generator().manual_seed(0)
     for fmt in (None, torch.channels_last):
         x = (1000.0 + 0.01 * torch.randn(4, 3, 16, 16, generator=g)).contiguous(memory_format=fmt or torch.contiguous_format)
         w, b, m = torch.ones(3), torch.zeros(3), torch.ones(3)
-        y = masked_batch_norm_cpp(x, None, None, w, b, m, True, 0.1, 1e-5)
+        d = impl.device
+        y = impl.fn(x.to(d), None, None, w.to(d), b.to(d), m.to(d), True, 0.1, 1e-5).cpu()
         ref = torch.nn.functional.batch_norm(x.double(), None, None, w.double(), b.double(), True, 0.1, 1e-5)
         err = (y.double() - ref).abs().max().item()
         err_torch = (torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5).double() - ref).abs().max().item()
@@ -123,24 +144,74 @@ def test_deterministic_across_thread_counts(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["bf16", "mixed_res"])
-def test_fallback_gives_torch_result(case):
-    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), None, seed=4)
-    if case == "bf16":
-        x, res, dy = x.bfloat16(), res.bfloat16(), dy.bfloat16()
+BF16_SHAPES = [((7, 3), None), ((5, 5, 3, 3), None), ((3, 130, 2, 2), torch.channels_last),
+               ((8, 24, 12, 12), torch.channels_last), ((8, 24, 12, 12), None), ((2, 6, 3, 4, 5), torch.channels_last_3d)]
+
+
+@pytest.mark.parametrize("shape,fmt", BF16_SHAPES)
+@pytest.mark.parametrize("relu,use_res,training", [(False, False, True), (True, True, True), (True, False, False)])
+def test_bf16_matches_fp32_oracle_on_the_same_values(impl, shape, fmt, relu, use_res, training):
+    # bf16 activations (a bf16 autocast step): the kernels compute in fp32 from the bf16 values and
+    # round each stored value once. Oracle: the torch implementation in fp32 on the same (bf16-exact)
+    # values, its y/dx rounded to bf16; parameter gradients and statistics stay fp32.
+    x, w, b, m, res, dy = _inputs(shape, fmt, seed=sum(shape) + 1, device=impl.device)
+    x, res, dy = x.bfloat16(), res.bfloat16(), dy.bfloat16()
+    grads = ("x", "m", "w", "b") + (("res",) if use_res else ())
+    kw = dict(relu=relu, use_res=use_res, grads=grads, training=training)
+    y1, rm1, rv1, g1 = _run(impl.fn, x, w, b, m, res, dy, **kw)
+    assert y1.grad_fn.name() != "NativeBatchNormBackward0", "the C++ kernels ran"
+    assert y1.dtype == torch.bfloat16 and y1.stride() == x.stride()
+    y0, rm0, rv0, g0 = _run(masked_batch_norm_torch, x.float(), w, b, m, res.float(), dy.float(), **kw)
+    ulp = dict(rtol=2 ** -7, atol=2e-2)  # one bf16 rounding of O(1..10) values
+    torch.testing.assert_close(y1.float(), y0.bfloat16().float(), **ulp)
+    _close(rm1, rm0)
+    _close(rv1, rv0, rtol=1e-4)
+    M = x.numel() // shape[1]
+    for k in grads:
+        assert g1[k].dtype == (torch.bfloat16 if k in ("x", "res") else torch.float32)
+        if k in ("x", "res"):
+            torch.testing.assert_close(g1[k].float(), g0[k].bfloat16().float(), **ulp)
+        else:
+            _close(g1[k], g0[k], scale=M ** 0.5, rtol=1e-4)
+
+
+def test_bf16_rounding_is_torchs(impl):
+    # Eval mode with mean 0, var 1, eps 0: y = x * w in fp32, then the store's rounding, which must be
+    # torch's (nearest even) bit for bit; with w = 1 + 2^-8 a power-of-two x lands on an exact tie.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 9, generator=g).bfloat16()
+    x[0, :4] = torch.tensor([float("inf"), -float("inf"), 3.0e38, 1e-39]).bfloat16()
+    x[1:, 4] = 2.0 ** torch.arange(-31, 32).float()
+    w = torch.full((9,), 1 + 2 ** -9)
+    w[4:] = 1 + 2 ** -8
+    d = impl.device
+    y = impl.fn(x.to(d), torch.zeros(9, device=d), torch.ones(9, device=d), w.to(d), None, torch.ones(9, device=d),
+                False, 0.1, 0.0).cpu()
+    want = (x.float() * w).bfloat16()
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))
+    nan = impl.fn(torch.full((2, 3), float("nan"), device=d).bfloat16(), torch.zeros(3, device=d),
+                  torch.ones(3, device=d), torch.ones(3, device=d), None, torch.ones(3, device=d), False, 0.1, 0.0)
+    assert nan.isnan().all()
+
+
+@pytest.mark.parametrize("case", ["fp16", "mixed_res"])
+def test_fallback_gives_torch_result(impl, case):
+    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), None, seed=4, device=impl.device)
+    if case == "fp16":
+        x, res, dy = x.half(), res.half(), dy.half()
     else:
         res = res.double()
     y0, rm0, rv0, g0 = _run(masked_batch_norm_torch, x, w, b, m, res, dy, relu=True, use_res=True)
-    y1, rm1, rv1, g1 = _run(masked_batch_norm_cpp, x, w, b, m, res, dy, relu=True, use_res=True)
+    y1, rm1, rv1, g1 = _run(impl.fn, x, w, b, m, res, dy, relu=True, use_res=True)
     assert y1.grad_fn.name() == y0.grad_fn.name(), "the torch implementation ran"
     assert torch.equal(y1, y0) and torch.equal(rv1, rv0)
     assert torch.equal(g1["x"], g0["x"]) and torch.equal(g1["m"], g0["m"])
 
 
-def test_fallback_for_non_dense_view():
-    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), None, seed=4)
+def test_fallback_for_non_dense_view(impl):
+    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), None, seed=4, device=impl.device)
     outs = []
-    for fn in (masked_batch_norm_torch, masked_batch_norm_cpp):
+    for fn in (masked_batch_norm_torch, impl.fn):
         xb, mm = x.clone().requires_grad_(), m.clone().requires_grad_()
         y = fn(xb[:, :, ::2], None, None, w, b, mm, True, 0.1, 1e-5, None, True)  # neither layout
         y.backward(dy[:, :, ::2])
@@ -149,27 +220,29 @@ def test_fallback_for_non_dense_view():
         assert torch.equal(a, r)
 
 
-def test_bad_input_errors():
-    x = torch.randn(4, 3, 2, 2)
-    w = torch.ones(3)
+def test_bad_input_errors(impl):
+    d = impl.device
+    x = torch.randn(4, 3, 2, 2, device=d)
+    w = torch.ones(3, device=d)
     with pytest.raises(ValueError, match="mask"):
-        masked_batch_norm_cpp(x, None, None, w, None, torch.ones(4), True, 0.1, 1e-5)
+        impl.fn(x, None, None, w, None, torch.ones(4, device=d), True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="residual"):
-        masked_batch_norm_cpp(x, None, None, w, None, w, True, 0.1, 1e-5, torch.randn(4, 3, 2, 1))
+        impl.fn(x, None, None, w, None, w, True, 0.1, 1e-5, torch.randn(4, 3, 2, 1, device=d))
     with pytest.raises(ValueError, match="more than 1 value"):
-        masked_batch_norm_cpp(torch.randn(1, 3), None, None, w, None, w, True, 0.1, 1e-5)
+        impl.fn(torch.randn(1, 3, device=d), None, None, w, None, w, True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="running statistics"):
-        masked_batch_norm_cpp(x, None, None, w, None, w, False, 0.1, 1e-5)
+        impl.fn(x, None, None, w, None, w, False, 0.1, 1e-5)
 
 
-def test_masked_model_matches_torch_under_cpp_backend():
+def test_masked_model_matches_torch_under_the_backend(impl):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 25, 3))
     nft_fast.attach_masks(net)
-    x = torch.randn(4, 3, 5, 5)
+    net.to(impl.device)
+    x = torch.randn(4, 3, 5, 5, device=impl.device)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     res = {}
-    for backend in ("torch", "cpp"):
+    for backend in ("torch", impl.kind):
         net.load_state_dict(state)
         net[1].neuron_mask.grad = None
         with nft_fast.use_backend(backend):
@@ -177,30 +250,30 @@ def test_masked_model_matches_torch_under_cpp_backend():
             out = net(x)
             out.square().sum().backward()
         res[backend] = (out.detach(), net[1].neuron_mask.grad.clone(), net[1].running_var.clone())
-    _close(res["cpp"][0], res["torch"][0])
-    _close(res["cpp"][1], res["torch"][1], scale=10, rtol=1e-4)
-    _close(res["cpp"][2], res["torch"][2])
+    _close(res[impl.kind][0], res["torch"][0])
+    _close(res[impl.kind][1], res["torch"][1], scale=10, rtol=1e-4)
+    _close(res[impl.kind][2], res["torch"][2])
 
 
-def test_opcheck():
-    x, w, b, m, res, dy = _inputs((4, 6, 3, 3), torch.channels_last, seed=1)
+def test_opcheck(impl):
+    x, w, b, m, res, dy = _inputs((4, 6, 3, 3), torch.channels_last, seed=1, device=impl.device)
     x.requires_grad_(True)
     m.requires_grad_(True)
-    rm, rv = torch.zeros(6), torch.ones(6)
-    torch.library.opcheck(masked_bn_cpp_fwd, (x, w, b, m, res, None, None, True, 1e-5, True))
-    torch.library.opcheck(masked_bn_cpp_fwd, (x.detach().contiguous().requires_grad_(), w, None, m, None, rm, rv,
-                                              False, 1e-5, False))
-    y, mean, rstd, _ = masked_bn_cpp_fwd(x.detach(), w, b, m.detach(), res, None, None, True, 1e-5, True)
-    torch.library.opcheck(masked_bn_cpp_bwd, (dy, x.detach(), y, w, m.detach(), mean, rstd, True, True, True, True))
+    rm, rv = torch.zeros(6, device=impl.device), torch.ones(6, device=impl.device)
+    torch.library.opcheck(impl.fwd, (x, w, b, m, res, None, None, True, 1e-5, True))
+    torch.library.opcheck(impl.fwd, (x.detach().contiguous().requires_grad_(), w, None, m, None, rm, rv,
+                                     False, 1e-5, False))
+    y, mean, rstd, _ = impl.fwd(x.detach(), w, b, m.detach(), res, None, None, True, 1e-5, True)
+    torch.library.opcheck(impl.bwd, (dy, x.detach(), y, w, m.detach(), mean, rstd, True, True, True, True))
 
 
 @pytest.mark.parametrize("fmt", [None, torch.channels_last])
-def test_custom_op_autograd_matches_torch(fmt):
+def test_custom_op_autograd_matches_torch(impl, fmt):
     # The custom ops (what torch.compile traces) and their registered autograd, outside the eager Function.
-    x, w, b, m, res, dy = _inputs((5, 6, 4, 3), fmt, seed=11)
+    x, w, b, m, res, dy = _inputs((5, 6, 4, 3), fmt, seed=11, device=impl.device)
 
     def via_op(x, rm, rv, w, b, m, training, momentum, eps, res, relu):
-        return masked_bn_cpp_fwd(x, w, b, m, res, rm, rv, training, eps, relu)[0]
+        return impl.fwd(x, w, b, m, res, rm, rv, training, eps, relu)[0]
 
     grads = ("x", "m", "w", "b", "res")
     y0, _, _, g0 = _run(masked_batch_norm_torch, x, w, b, m, res, dy, relu=True, use_res=True, grads=grads)
@@ -210,19 +283,18 @@ def test_custom_op_autograd_matches_torch(fmt):
         _close(g1[k], g0[k], scale=10, rtol=1e-4)
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    # Compiles the cpp function itself: the dispatch's cpp availability check (an lru_cache'd
-    # import in nft_fast._build) is not traceable by dynamo yet.
-    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), torch.channels_last, seed=12)
+def test_torch_compile_fullgraph_matches_eager(impl):
+    # Compiles the backend's function itself (the custom ops are what dynamo traces).
+    x, w, b, m, res, dy = _inputs((4, 6, 5, 5), torch.channels_last, seed=12, device=impl.device)
 
     def f(x, rm, rv, m, res):
-        y = masked_batch_norm_cpp(x, rm, rv, w, b, m, True, 0.1, 1e-5, res, True)
+        y = impl.fn(x, rm, rv, w, b, m, True, 0.1, 1e-5, res, True)
         return (y * dy).sum()
 
     outs = []
     for fn in (f, torch.compile(f, fullgraph=True)):
         xx, mm = x.clone().requires_grad_(), m.clone().requires_grad_()
-        rm, rv = torch.zeros(6), torch.ones(6)
+        rm, rv = torch.zeros(6, device=impl.device), torch.ones(6, device=impl.device)
         loss = fn(xx, rm, rv, mm, res)
         loss.backward()
         outs.append((loss.detach(), xx.grad, mm.grad, rm, rv))

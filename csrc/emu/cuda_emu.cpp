@@ -1,0 +1,639 @@
+// Runtime of the CUDA emulator (csrc/emu/cuda_emu.h): fibers, the block scheduler, barriers.
+//
+// A launch runs its blocks one after another on the calling thread. For each block, every CUDA
+// thread is a fiber on its own stack (a pool of up to 1024 stacks of 128 KiB, mmap'ed once with
+// a guard page each, reused by every block and launch). The scheduler resumes runnable fibers
+// round-robin; a fiber runs until it waits at a barrier or returns. A barrier completes, and its
+// fibers become runnable again, as soon as its last participant arrives:
+//   block barrier: every not-yet-exited thread of the block waits at it (same statement);
+//   warp op:       every existing lane named in the mask waits at a warp op (same mask, kind).
+// A pass over the block that finds nothing runnable is a deadlock: an error, never a hang.
+//
+// Context switch: a few instructions of assembly on x86-64 (callee-saved registers, MXCSR, x87
+// control word, stack pointer: what the SysV ABI says survives a call), else POSIX ucontext
+// (swapcontext costs a signal-mask syscall per switch: correct but ~50x slower).
+// NFT_FAST_CUDA_EMU_UCONTEXT=1 forces ucontext on x86-64 too (to test that path).
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <string>
+
+uint3 threadIdx = {0, 0, 0};
+uint3 blockIdx = {0, 0, 0};
+dim3 blockDim;
+dim3 gridDim;
+const int warpSize = 32;
+
+#if defined(__x86_64__) && defined(__ELF__)
+#define NFT_EMU_ASM_SWITCH 1
+extern "C" {
+// Saves the callee-saved state on the current stack, stores its stack pointer to *save, and
+// continues on the stack `load` (saved by an earlier switch, or prepared by init_context).
+void nft_emu_switch(void** save, void* load);
+// First code a fresh fiber runs: calls r13(r12) on a 16-byte aligned stack; never returns.
+void nft_emu_trampoline();
+}
+__asm__(
+    ".pushsection .text\n"
+    ".globl nft_emu_switch\n"
+    ".hidden nft_emu_switch\n"
+    ".type nft_emu_switch,@function\n"
+    ".p2align 4\n"
+    "nft_emu_switch:\n"
+    "  pushq %rbp\n"
+    "  pushq %rbx\n"
+    "  pushq %r12\n"
+    "  pushq %r13\n"
+    "  pushq %r14\n"
+    "  pushq %r15\n"
+    "  subq $8, %rsp\n"
+    "  stmxcsr (%rsp)\n"
+    "  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n"
+    "  fldcw 4(%rsp)\n"
+    "  addq $8, %rsp\n"
+    "  popq %r15\n"
+    "  popq %r14\n"
+    "  popq %r13\n"
+    "  popq %r12\n"
+    "  popq %rbx\n"
+    "  popq %rbp\n"
+    "  ret\n"
+    ".size nft_emu_switch,.-nft_emu_switch\n"
+    ".globl nft_emu_trampoline\n"
+    ".hidden nft_emu_trampoline\n"
+    ".type nft_emu_trampoline,@function\n"
+    ".p2align 4\n"
+    "nft_emu_trampoline:\n"
+    "  .cfi_startproc\n"
+    "  .cfi_undefined rip\n"  // the outermost frame of a fiber: unwinders and debuggers stop here
+    "  movq %r12, %rdi\n"
+    "  callq *%r13\n"
+    "  ud2\n"
+    "  .cfi_endproc\n"
+    ".size nft_emu_trampoline,.-nft_emu_trampoline\n"
+    ".popsection\n");
+#else
+#define NFT_EMU_ASM_SWITCH 0
+#endif
+
+namespace nft_emu {
+namespace detail {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr std::size_t kStackBytes = 128 * 1024;
+
+enum State : unsigned char { kRunnable, kWaitBlock, kWaitWarp, kExited };
+
+struct Fiber {
+  void* sp = nullptr;      // asm switch: saved stack pointer
+  ucontext_t* uc = nullptr;  // ucontext switch
+  State state = kExited;
+  int lin = 0;  // linear thread index in the block
+  uint3 tid{0, 0, 0};
+  // block barrier
+  int bkind = 0, bpred = 0, bres = 0;
+  const char* file = nullptr;
+  int line = 0;
+  // warp op
+  int wkind = 0, wsrc = 0, wsize = 0;
+  unsigned wmask = 0;
+  bool wsigned = false;
+  alignas(16) unsigned char wval[16];
+  alignas(16) unsigned char wres[16];
+  std::exception_ptr error;
+};
+
+struct Warp {
+  unsigned exist = 0, waiting = 0, exited = 0;
+};
+
+struct Runtime {
+  std::mutex mu;  // one launch at a time (process-wide): __shared__ statics, the fiber pool
+  bool use_ucontext = !NFT_EMU_ASM_SWITCH;
+  bool ready = false;
+  char* stacks = nullptr;
+  std::size_t slot = 0, page = 4096;
+  Fiber fibers[kMaxThreads];
+  ucontext_t* ucs = nullptr;
+  void* sched_sp = nullptr;
+  ucontext_t sched_uc;
+  unsigned mxcsr = 0x1f80, fpucw = 0x037f;
+  // the launch in progress
+  const char* name = "";
+  void (*body)(void*) = nullptr;
+  void* ctx = nullptr;
+  int nthreads = 0;
+  Fiber* cur = nullptr;
+  int n_wait_block = 0, n_exited = 0;
+  Warp warps[kMaxThreads / 32];
+  unsigned long long launches = 0;
+};
+
+Runtime& rt() {
+  static Runtime* r = new Runtime;  // never destroyed: a failed launch abandons fibers mid-kernel
+  return *r;
+}
+
+thread_local int t_last_error = 0;
+thread_local bool t_in_launch = false;
+
+void fiber_main();
+extern "C" void nft_emu_fiber_entry(void*) { fiber_main(); }
+void uc_entry() { fiber_main(); }
+
+void setup(Runtime& r) {
+  if (r.ready) return;
+  const char* force = std::getenv("NFT_FAST_CUDA_EMU_UCONTEXT");
+  if (force && *force && std::string(force) != "0") r.use_ucontext = true;
+  const long pg = sysconf(_SC_PAGESIZE);
+  r.page = pg > 0 ? (std::size_t)pg : 4096;
+  r.slot = kStackBytes + r.page;  // guard page below each stack
+  void* mem = mmap(nullptr, r.slot * kMaxThreads, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+  if (mem == MAP_FAILED) throw std::runtime_error("CUDA emulator: cannot map the fiber stacks");
+  r.stacks = static_cast<char*>(mem);
+  for (int i = 0; i < kMaxThreads; ++i) mprotect(r.stacks + i * r.slot, r.page, PROT_NONE);
+  if (r.use_ucontext) {
+    r.ucs = new ucontext_t[kMaxThreads];
+    for (int i = 0; i < kMaxThreads; ++i) r.fibers[i].uc = &r.ucs[i];
+  }
+  r.ready = true;
+}
+
+void init_context(Runtime& r, int i) {
+  Fiber& f = r.fibers[i];
+  char* lo = r.stacks + i * r.slot + r.page;
+  // Stagger the stack tops (64-byte steps over 4 KiB) so the fibers' hot frames do not all map
+  // to the same L1 cache sets.
+  char* top = lo + kStackBytes - (std::size_t)(i % 64) * 64;
+  if (r.use_ucontext) {
+    getcontext(f.uc);
+    f.uc->uc_stack.ss_sp = lo;
+    f.uc->uc_stack.ss_size = (std::size_t)(top - lo);
+    f.uc->uc_link = nullptr;
+    makecontext(f.uc, uc_entry, 0);
+    return;
+  }
+#if NFT_EMU_ASM_SWITCH
+  auto* sp = reinterpret_cast<std::uint64_t*>(reinterpret_cast<std::uintptr_t>(top) & ~std::uintptr_t(15));
+  sp[-1] = reinterpret_cast<std::uint64_t>(&nft_emu_trampoline);  // "return address"
+  sp[-2] = 0;                                                     // rbp
+  sp[-3] = 0;                                                     // rbx
+  sp[-4] = reinterpret_cast<std::uint64_t>(&f);                   // r12: argument
+  sp[-5] = reinterpret_cast<std::uint64_t>(&nft_emu_fiber_entry);  // r13: function
+  sp[-6] = 0;                                                     // r14
+  sp[-7] = 0;                                                     // r15
+  std::uint64_t csr = (std::uint64_t)r.mxcsr | ((std::uint64_t)(r.fpucw & 0xffffu) << 32);
+  sp[-8] = csr;  // MXCSR at +0, x87 control word at +4
+  f.sp = sp - 8;
+#endif
+}
+
+inline void switch_to_fiber(Runtime& r, Fiber& f) {
+  r.cur = &f;
+  threadIdx = f.tid;
+#if NFT_EMU_ASM_SWITCH
+  if (!r.use_ucontext) {
+    nft_emu_switch(&r.sched_sp, f.sp);
+    return;
+  }
+#endif
+  swapcontext(&r.sched_uc, f.uc);
+}
+
+inline void switch_to_scheduler(Runtime& r, Fiber& f) {
+#if NFT_EMU_ASM_SWITCH
+  if (!r.use_ucontext) {
+    nft_emu_switch(&f.sp, r.sched_sp);
+    return;
+  }
+#endif
+  swapcontext(f.uc, &r.sched_uc);
+}
+
+void fiber_main() {
+  Runtime& r = rt();
+  Fiber* f = r.cur;
+  try {
+    r.body(r.ctx);
+  } catch (...) {
+    f->error = std::current_exception();
+  }
+  f->state = kExited;
+  switch_to_scheduler(r, *f);
+  std::abort();  // an exited fiber is never resumed
+}
+
+Fiber& current(const char* what) {
+  Runtime& r = rt();
+  if (!t_in_launch || r.cur == nullptr) throw std::logic_error(std::string(what) + " called outside an emulated kernel");
+  return *r.cur;
+}
+
+// ------------------------------------------------------------------------------ messages
+std::string base(const char* file) {
+  std::string s = file ? file : "?";
+  const std::size_t k = s.find_last_of("/\\");
+  return k == std::string::npos ? s : s.substr(k + 1);
+}
+
+std::string xyz(uint3 v) { return "(" + std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z) + ")"; }
+
+std::string lanes(unsigned m) {
+  std::string s;
+  for (int i = 0; i < 32;) {
+    if (!(m >> i & 1u)) {
+      ++i;
+      continue;
+    }
+    int j = i;
+    while (j + 1 < 32 && (m >> (j + 1) & 1u)) ++j;
+    if (!s.empty()) s += ",";
+    s += std::to_string(i);
+    if (j > i) s += "-" + std::to_string(j);
+    i = j + 1;
+  }
+  return "{" + (s.empty() ? std::string("none") : s) + "}";
+}
+
+const char* warp_kind_name(int k) {
+  switch (k) {
+    case kShfl: return "__shfl*_sync";
+    case kBallot: return "__ballot_sync";
+    case kAll: return "__all_sync";
+    case kAny: return "__any_sync";
+    case kSyncWarp: return "__syncwarp";
+    default: return "__reduce_*_sync";
+  }
+}
+
+std::string where(const Runtime& r) {
+  return "kernel '" + std::string(r.name) + "', block " + xyz(blockIdx) + " of grid " + xyz(gridDim) +
+         ", blockDim " + xyz(blockDim);
+}
+
+[[noreturn]] void deadlock(Runtime& r) {
+  const int T = r.nthreads;
+  std::string msg = "emulated kernel deadlock: " + where(r) + ": no thread can proceed. ";
+  int nb = 0, nw = 0;
+  const Fiber* at = nullptr;
+  for (int i = 0; i < T; ++i) {
+    if (r.fibers[i].state == kWaitBlock) {
+      ++nb;
+      if (!at) at = &r.fibers[i];
+    }
+    if (r.fibers[i].state == kWaitWarp) ++nw;
+  }
+  msg += std::to_string(nb) + " thread(s) wait at __syncthreads";
+  if (at) msg += " (" + base(at->file) + ":" + std::to_string(at->line) + ")";
+  msg += ", " + std::to_string(nw) + " at warp ops, " + std::to_string(r.n_exited) + " exited.";
+  int shown = 0;
+  for (int w = 0; w < (T + 31) / 32 && shown < 4; ++w) {
+    const Warp& wp = r.warps[w];
+    if (!wp.waiting) continue;
+    ++shown;
+    const Fiber& f = r.fibers[w * 32 + __builtin_ctz(wp.waiting)];
+    const unsigned need = f.wmask & wp.exist & ~wp.waiting;
+    unsigned at_block = 0;
+    for (int l = 0; l < 32; ++l)
+      if ((need >> l & 1u) && r.fibers[w * 32 + l].state == kWaitBlock) at_block |= 1u << l;
+    msg += " Warp " + std::to_string(w) + ": lanes " + lanes(wp.waiting) + " wait at " + warp_kind_name(f.wkind) +
+           " (mask 0x";
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "%08x", f.wmask);
+    msg += std::string(hex) + ") for lanes " + lanes(need & wp.exited) + " that exited and " + lanes(at_block) +
+           " that wait at __syncthreads.";
+  }
+  throw std::runtime_error(msg);
+}
+
+// --------------------------------------------------------------------------- barriers
+void release_block(Runtime& r) {
+  const int T = r.nthreads;
+  const Fiber* first = nullptr;
+  int n = 0, ones = 0;
+  for (int i = 0; i < T; ++i) {
+    const Fiber& f = r.fibers[i];
+    if (f.state != kWaitBlock) continue;
+    if (!first) {
+      first = &f;
+    } else if (f.line != first->line || f.bkind != first->bkind ||
+               (f.file != first->file && std::string(f.file) != first->file)) {
+      throw std::runtime_error(
+          "emulated kernel error: divergent __syncthreads in " + where(r) + ": thread " + xyz(first->tid) +
+          " waits at " + base(first->file) + ":" + std::to_string(first->line) + ", thread " + xyz(f.tid) +
+          " at " + base(f.file) + ":" + std::to_string(f.line) +
+          " (every thread of a block that has not exited must reach the same __syncthreads: undefined "
+          "behaviour on a GPU)");
+    }
+    ++n;
+    ones += f.bpred;
+  }
+  int res = 0;
+  if (first) {
+    switch (first->bkind) {
+      case kCount: res = ones; break;
+      case kAnd: res = ones == n; break;
+      case kOr: res = ones > 0; break;
+      default: break;
+    }
+  }
+  for (int i = 0; i < T; ++i) {
+    Fiber& f = r.fibers[i];
+    if (f.state != kWaitBlock) continue;
+    f.bres = res;
+    f.state = kRunnable;
+  }
+  r.n_wait_block = 0;
+}
+
+void try_release_warp(Runtime& r, int w) {
+  Warp& wp = r.warps[w];
+  const unsigned W = wp.waiting;
+  Fiber* F = &r.fibers[w * 32];
+  unsigned G = 0;
+  for (unsigned m = W; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    const unsigned M = (F[l].wmask | (1u << l)) & wp.exist;
+    if ((M & ~W) == 0) G |= 1u << l;
+  }
+  if (!G) return;
+  for (unsigned m = G; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    const Fiber& f = F[l];
+    const unsigned M = (f.wmask | (1u << l)) & wp.exist;
+    for (unsigned mm = M; mm; mm &= mm - 1) {
+      const int j = __builtin_ctz(mm);
+      const unsigned Mj = (F[j].wmask | (1u << j)) & wp.exist;
+      if (Mj != M || F[j].wkind != f.wkind || F[j].wsize != f.wsize) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "mask 0x%08x, %d bytes", f.wmask, f.wsize);
+        std::string a = std::string(warp_kind_name(f.wkind)) + " (" + buf + ")";
+        std::snprintf(buf, sizeof buf, "mask 0x%08x, %d bytes", F[j].wmask, F[j].wsize);
+        std::string b = std::string(warp_kind_name(F[j].wkind)) + " (" + buf + ")";
+        throw std::runtime_error("emulated kernel error: mismatched warp ops in " + where(r) + ", warp " +
+                                 std::to_string(w) + ": lane " + std::to_string(l) + " waits at " + a + ", lane " +
+                                 std::to_string(j) + " at " + b +
+                                 " (every lane named in the mask must execute the same warp op with the same "
+                                 "mask: undefined behaviour on a GPU)");
+      }
+    }
+  }
+  for (unsigned m = G; m; m &= m - 1) {
+    const int l = __builtin_ctz(m);
+    Fiber& f = F[l];
+    const unsigned M = (f.wmask | (1u << l)) & wp.exist;
+    switch (f.wkind) {
+      case kShfl: {
+        const int s = f.wsrc;
+        const bool ok = s >= 0 && s < 32 && (M >> s & 1u);
+        std::memcpy(f.wres, ok ? F[s].wval : f.wval, (std::size_t)f.wsize);
+        break;
+      }
+      case kBallot:
+      case kAll:
+      case kAny: {
+        unsigned b = 0;
+        for (unsigned mm = M; mm; mm &= mm - 1) {
+          const int j = __builtin_ctz(mm);
+          int p;
+          std::memcpy(&p, F[j].wval, 4);
+          if (p) b |= 1u << j;
+        }
+        const int v = f.wkind == kAll ? (b == M) : (b != 0);
+        if (f.wkind == kBallot)
+          std::memcpy(f.wres, &b, 4);
+        else
+          std::memcpy(f.wres, &v, 4);
+        break;
+      }
+      case kSyncWarp: break;
+      default: {  // __reduce_*_sync on 32-bit integers
+        std::uint32_t acc = 0;
+        bool firstv = true;
+        for (unsigned mm = M; mm; mm &= mm - 1) {
+          const int j = __builtin_ctz(mm);
+          std::uint32_t v;
+          std::memcpy(&v, F[j].wval, 4);
+          if (firstv) {
+            acc = v;
+            firstv = false;
+            continue;
+          }
+          switch (f.wkind) {
+            case kRedAdd: acc += v; break;
+            case kRedAnd: acc &= v; break;
+            case kRedOr: acc |= v; break;
+            case kRedXor: acc ^= v; break;
+            case kRedMin:
+              acc = f.wsigned ? (std::uint32_t)std::min((std::int32_t)acc, (std::int32_t)v) : std::min(acc, v);
+              break;
+            case kRedMax:
+              acc = f.wsigned ? (std::uint32_t)std::max((std::int32_t)acc, (std::int32_t)v) : std::max(acc, v);
+              break;
+            default: break;
+          }
+        }
+        std::memcpy(f.wres, &acc, 4);
+        break;
+      }
+    }
+  }
+  for (unsigned m = G; m; m &= m - 1) F[__builtin_ctz(m)].state = kRunnable;
+  wp.waiting &= ~G;
+}
+
+[[noreturn]] void kernel_failed(Runtime& r, const Fiber& f) {
+  std::string what = "unknown exception";
+  try {
+    std::rethrow_exception(f.error);
+  } catch (const std::exception& e) {
+    what = e.what();
+  } catch (...) {
+  }
+  throw std::runtime_error("emulated kernel failed: " + where(r) + ", thread " + xyz(f.tid) + ": " + what);
+}
+
+void run_block(Runtime& r) {
+  const int T = r.nthreads;
+  const unsigned bx = blockDim.x, by = blockDim.y;
+  for (int i = 0; i < T; ++i) {
+    Fiber& f = r.fibers[i];
+    f.state = kRunnable;
+    f.lin = i;
+    f.tid = uint3{(unsigned)i % bx, ((unsigned)i / bx) % by, (unsigned)i / (bx * by)};
+    if (f.error) f.error = nullptr;
+    init_context(r, i);
+  }
+  for (int w = 0; w < (T + 31) / 32; ++w) {
+    const int n = T - w * 32 < 32 ? T - w * 32 : 32;
+    r.warps[w].exist = n == 32 ? 0xffffffffu : ((1u << n) - 1u);
+    r.warps[w].waiting = r.warps[w].exited = 0;
+  }
+  r.n_wait_block = 0;
+  r.n_exited = 0;
+  int live = T;
+  while (live > 0) {
+    bool ran = false;
+    for (int i = 0; i < T; ++i) {
+      Fiber& f = r.fibers[i];
+      if (f.state != kRunnable) continue;
+      ran = true;
+      switch_to_fiber(r, f);
+      switch (f.state) {
+        case kExited:
+          --live;
+          ++r.n_exited;
+          r.warps[i >> 5].exited |= 1u << (i & 31);
+          if (f.error) kernel_failed(r, f);
+          if (r.n_wait_block > 0 && r.n_wait_block + r.n_exited == T) release_block(r);
+          break;
+        case kWaitBlock:
+          if (++r.n_wait_block + r.n_exited == T) release_block(r);
+          break;
+        case kWaitWarp:
+          r.warps[i >> 5].waiting |= 1u << (i & 31);
+          try_release_warp(r, i >> 5);
+          break;
+        default: break;
+      }
+    }
+    if (!ran) deadlock(r);
+  }
+  r.cur = nullptr;
+}
+
+struct InLaunch {
+  InLaunch() { t_in_launch = true; }
+  ~InLaunch() {
+    t_in_launch = false;
+    rt().cur = nullptr;
+  }
+};
+
+}  // namespace
+
+int block_barrier(int kind, int pred, const char* file, int line) {
+  Fiber& f = current("__syncthreads");
+  f.bkind = kind;
+  f.bpred = pred;
+  f.file = file;
+  f.line = line;
+  f.state = kWaitBlock;
+  switch_to_scheduler(rt(), f);
+  return f.bres;
+}
+
+void warp_op(int kind, unsigned mask, int src, const void* in, void* out, int size, bool is_signed) {
+  Fiber& f = current(warp_kind_name(kind));
+  f.wkind = kind;
+  f.wmask = mask;
+  f.wsrc = src;
+  f.wsize = size;
+  f.wsigned = is_signed;
+  if (size > 0) std::memcpy(f.wval, in, (std::size_t)size);
+  f.state = kWaitWarp;
+  switch_to_scheduler(rt(), f);
+  if (out && size > 0) std::memcpy(out, f.wres, (std::size_t)size);
+}
+
+int lane_id() { return current("lane id").lin & 31; }
+
+unsigned active_lanes() {
+  const Fiber& f = current("__activemask");
+  const Warp& w = rt().warps[f.lin >> 5];
+  return w.exist & ~w.exited;
+}
+
+void trap(const char* what) { throw std::runtime_error(what); }
+
+void set_last_error(int err) { t_last_error = err; }
+
+void run_kernel(const char* name, dim3 grid, dim3 block, void (*body)(void*), void* ctx) {
+  if (t_in_launch)
+    throw std::runtime_error(std::string("emulated launch of '") + name +
+                             "' from inside a kernel (dynamic parallelism) is not supported");
+  const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
+  if (block.x == 0 || block.y == 0 || block.z == 0 || block.x > 1024 || block.y > 1024 || block.z > 64 ||
+      threads > (unsigned long long)kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu ||
+      grid.y > 65535 || grid.z > 65535) {
+    t_last_error = cudaErrorInvalidConfiguration;  // as the CUDA runtime: nothing runs
+    return;
+  }
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  InLaunch guard;
+#if NFT_EMU_ASM_SWITCH
+  __asm__ __volatile__("stmxcsr %0" : "=m"(r.mxcsr));
+  unsigned short cw;
+  __asm__ __volatile__("fnstcw %0" : "=m"(cw));
+  r.fpucw = cw;
+#endif
+  r.name = name;
+  r.body = body;
+  r.ctx = ctx;
+  r.nthreads = (int)threads;
+  blockDim = block;
+  gridDim = grid;
+  ++r.launches;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = uint3{x, y, z};
+        run_block(r);
+      }
+}
+
+const char* switch_backend() {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  return r.use_ucontext ? "ucontext" : "asm-x86_64";
+}
+
+unsigned long long launch_count() { return rt().launches; }
+
+}  // namespace detail
+}  // namespace nft_emu
+
+cudaError_t cudaGetLastError() {
+  const int e = nft_emu::detail::t_last_error;
+  nft_emu::detail::t_last_error = 0;
+  return (cudaError_t)e;
+}
+cudaError_t cudaPeekAtLastError() { return (cudaError_t)nft_emu::detail::t_last_error; }
+const char* cudaGetErrorString(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unrecognized error code";
+}
+const char* cudaGetErrorName(cudaError_t err) {
+  switch (err) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}

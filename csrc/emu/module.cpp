@@ -1,0 +1,73 @@
+// pybind11 module nft_fast._cuda_emu: the CUDA host launchers of csrc/cuda/*.cu compiled as C++
+// and run on the CPU by the emulator (csrc/emu/cuda_emu.h), with the same Python interface as in
+// nft_fast._C (bind_cuda), plus the emulator's own self-test launchers.
+#include <cstdint>
+#include <string>
+
+#include <pybind11/pybind11.h>
+
+#include "../cuda/bind_cuda.h"
+#include "cuda_emu.h"
+#include "selftest.h"
+
+namespace py = pybind11;
+
+namespace {
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+}  // namespace
+
+PYBIND11_MODULE(_cuda_emu, m) {
+  m.doc() = "nft_fast CUDA kernels on the CPU emulator (csrc/emu): for tests without a GPU";
+  nft_fast::bind_cuda(m);
+  m.def("switch_backend", []() { return std::string(nft_emu::detail::switch_backend()); },
+        "fiber context switch in use: 'asm-x86_64' or 'ucontext'");
+  m.def("launch_count", []() { return nft_emu::detail::launch_count(); });
+
+  namespace st = nft_fast::emu_selftest;
+  py::module_ t = m.def_submodule("selftest", "emulator self-test kernels (tests/ops/test_cuda_emu.py)");
+  t.def("block_sum", [](std::uintptr_t x, std::uintptr_t out, int n, int blocks, int bx, int by) {
+    st::block_sum(ptr<const float>(x), ptr<float>(out), n, blocks, bx, by);
+  });
+  t.def("shfl_probe", [](std::uintptr_t x, std::uintptr_t out, bool is64, int threads, int mode, int arg, int width) {
+    st::shfl_probe(ptr<const void>(x), ptr<void>(out), is64, threads, mode, arg, width);
+  });
+  t.def("warp_sums", [](std::uintptr_t x, std::uintptr_t ox, std::uintptr_t od, int n, int blocks, int threads) {
+    st::warp_sums(ptr<const float>(x), ptr<float>(ox), ptr<float>(od), n, blocks, threads);
+  });
+  t.def("votes", [](std::uintptr_t pred, std::uintptr_t ballot, std::uintptr_t all, std::uintptr_t any,
+                    std::uintptr_t red, std::uintptr_t bcount, std::uintptr_t band, std::uintptr_t bor, int threads) {
+    st::votes(ptr<const int>(pred), ptr<unsigned>(ballot), ptr<int>(all), ptr<int>(any), ptr<int>(red),
+              ptr<int>(bcount), ptr<int>(band), ptr<int>(bor), threads);
+  });
+  t.def("half_masks", [](std::uintptr_t x, std::uintptr_t out, int threads) {
+    st::half_masks(ptr<const int>(x), ptr<int>(out), threads);
+  });
+  t.def("atomics", [](std::uintptr_t x, int n, std::uintptr_t fsum, std::uintptr_t icount, std::uintptr_t imax,
+                      std::uintptr_t usum, std::uintptr_t dsum, int blocks, int threads) {
+    st::atomics(ptr<const float>(x), n, ptr<float>(fsum), ptr<int>(icount), ptr<int>(imax),
+                ptr<unsigned long long>(usum), ptr<double>(dsum), blocks, threads);
+  });
+  t.def("bf16_roundtrip", [](std::uintptr_t x, std::uintptr_t bits, std::uintptr_t back, std::uintptr_t bits2,
+                             std::uintptr_t back2, int n) {
+    st::bf16_roundtrip(ptr<const float>(x), ptr<std::uint16_t>(bits), ptr<float>(back), ptr<std::uint16_t>(bits2),
+                       ptr<float>(back2), n);
+  });
+  t.def("barrier_bench", [](std::uintptr_t out, int blocks, int threads, int barriers) {
+    py::gil_scoped_release nogil;
+    st::barrier_bench(ptr<float>(out), blocks, threads, barriers);
+  });
+  t.def("template_launches", [](std::uintptr_t y, std::uintptr_t x, int n) {
+    st::template_launches(ptr<float>(y), ptr<const float>(x), n);
+  });
+  t.def("math", [](std::uintptr_t in, std::uintptr_t out) { st::math(ptr<const float>(in), ptr<float>(out)); });
+  t.def("config_launch", [](int blocks, int threads) { st::config_launch(blocks, threads); });
+  t.def("deadlock_shfl_vs_sync", [](std::uintptr_t out, int threads) { st::deadlock_shfl_vs_sync(ptr<float>(out), threads); });
+  t.def("shfl_after_exit", [](std::uintptr_t x, std::uintptr_t out, int n, int threads) {
+    st::shfl_after_exit(ptr<const float>(x), ptr<float>(out), n, threads);
+  });
+  t.def("divergent_sync", [](std::uintptr_t out, int threads) { st::divergent_sync(ptr<float>(out), threads); });
+  t.def("trap_kernel", [](int threads) { st::trap_kernel(threads); });
+}
