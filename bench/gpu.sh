@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine, all inside ~9 minutes (BENCH_DEADLINE_S, default 540):
 #   1. build/install nft_fast (bash .ci/setup; falls back to a plain editable install offline),
-#   2. the GPU-marked op tests (pytest -m gpu tests/ops), carrying on after failures,
+#   2. the GPU op tests: gpu-marked ones and every cuda-backend test (on the GPU here; CI runs
+#      those on the CPU emulator), plus the 10-step Purifier comparisons; carrying on after failures,
 #   3. the op microbenchmarks (bench/test_ops_bench.py, pytest-benchmark JSON + markdown),
 #   4. the step bench, every workload, bf16 (bench/step.py, compile rows last under a time budget).
 # Everything lands in bench/results/ (names end in <gpu>_<date>) and is copied to "$OUT" when set.
@@ -45,8 +46,9 @@ fi
 "$PY" -c "import json, torch, nft_fast; print('torch', torch.__version__, 'cuda', torch.version.cuda, json.dumps(nft_fast.build_info()))"
 
 # 2. GPU tests of the ops (SIGINT on timeout: pytest still prints what it ran).
-echo "== [$((SECONDS - START))s] pytest -m gpu tests/ops"
-timeout -s INT -k 15 "$(cap 120 300)" "$PY" -m pytest -m gpu tests/ops -q -p no:cacheprovider -rfEs \
+echo "== [$((SECONDS - START))s] pytest -k 'gpu or cuda' tests/ops tests/test_purifier_backends.py"
+timeout -s INT -k 15 "$(cap 150 300)" "$PY" -m pytest -k "gpu or cuda" tests/ops tests/test_purifier_backends.py \
+  -q -p no:cacheprovider -rfEs \
   2>&1 | tee "$RES/gpu_tests_${STEM}.txt"
 echo "tests exit: ${PIPESTATUS[0]}"
 

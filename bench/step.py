@@ -338,6 +338,8 @@ def usable_backends(device: torch.device, interpret: bool) -> List[str]:
             continue
         if b == "triton" and device.type != "cuda" and not interpret:
             continue  # the interpreter is far too slow to time
+        if b == "cuda" and device.type != "cuda":
+            continue  # the CPU emulator (NFT_FAST_CUDA_EMU=1) checks the kernels; timing it means nothing
         out.append(b)
     return out
 

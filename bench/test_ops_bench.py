@@ -154,6 +154,8 @@ def _impl(case: str, backend: str) -> Callable:
         pytest.skip(f"{module} is not importable: {e}")
     if backend == "triton" and not CUDA:
         pytest.skip("triton on CPU runs under the interpreter: far too slow to time")
+    if backend == "cuda" and not CUDA:
+        pytest.skip("cuda on CPU runs on the emulator (NFT_FAST_CUDA_EMU=1): a correctness tool, not timed")
     if not (ops.backend_available(backend) and ops._device_ok(backend, DEV)):
         pytest.skip(f"backend {backend} is not usable on {DEV}")
     if backend not in ops.implementations().get(op, ()):

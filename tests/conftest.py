@@ -9,7 +9,9 @@ import torch
 # "cuda") run on CPU tensors under the emulator module nft_fast._cuda_emu.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("NFT_FAST_CUDA_EMU", "1")
+# CPU tensors given to the cuda backend run on the emulator, CUDA tensors on the GPU (cuda_ext
+# picks the module by device): with a GPU, tests on CPU tensors still check the kernels' logic.
+os.environ.setdefault("NFT_FAST_CUDA_EMU", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/nets.py
 

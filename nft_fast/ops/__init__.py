@@ -85,6 +85,19 @@ def _auto_order(device: torch.device) -> tuple:
     return ("cpp", "torch")
 
 
+def cuda_launch(device: torch.device):
+    """``(module, sms, stream)`` for launching csrc/cuda kernels on tensors of ``device``: nft_fast._C,
+    the device's SM count and current stream on a GPU; the emulator module (a 2-SM "GPU", so
+    split reductions still have several chunks) and stream 0 for CPU tensors under emulation."""
+    from .. import _build
+
+    mod = _build.cuda_ext(device)
+    if device.type == "cuda":
+        return mod, torch.cuda.get_device_properties(device).multi_processor_count, \
+            torch.cuda.current_stream(device).cuda_stream
+    return mod, 2, 0
+
+
 def _device_ok(backend: str, device: torch.device) -> bool:
     if backend in ("torch",):
         return True

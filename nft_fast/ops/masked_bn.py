@@ -201,14 +201,9 @@ def _ptr(t: Optional[Tensor]) -> int:
 
 def _cuda_launch(x: Tensor, N: int, C: int, S: int, rows: bool):
     """``(module, sms, stream, workspace)`` of a CUDA (or emulated) masked-BN launch on ``x``."""
-    from .. import _build
+    from . import cuda_launch
 
-    mod = _build.cuda_ext(x.device)
-    if x.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-    else:  # the emulator: a small "GPU" so that the split reductions have several chunks
-        sms, stream = 2, 0
+    mod, sms, stream = cuda_launch(x.device)
     _, _, ws = mod.masked_bn_cuda_plan(N, C, S, rows, sms)
     return mod, sms, stream, torch.empty((ws,), dtype=torch.float32, device=x.device)
 

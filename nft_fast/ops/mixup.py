@@ -10,9 +10,10 @@ path reads it inside the kernel, so a captured CUDA graph can be fed fresh value
 is an integer tensor of length B; its values and the labels are not range-checked on the
 device (that would need a host sync): they must lie in ``[0, B)`` and ``[0, K)``.
 
-Backends: ``torch`` (the oracle), ``triton`` and ``cpp`` (C++/OpenMP, csrc/cpu/mixup.cpp: fp32
+Backends: ``torch`` (the oracle), ``triton``, ``cpp`` (C++/OpenMP, csrc/cpu/mixup.cpp: fp32
 and bf16 CPU tensors; its batch is bit-equal to the oracle, and being on the CPU it does check
-the indices, raising IndexError like torch).
+the indices, raising IndexError like torch) and ``cuda`` (csrc/cuda/mixup.cu, fp32/bf16; its
+batch is bit-equal to the oracle too).
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ def _lam_pair(lam_t: Optional[torch.Tensor], lam: float) -> Tuple[float, float]:
     return v, (1 - lam_t).item()
 
 
-def _batch_cpp_takes(x: torch.Tensor, dtype: torch.dtype) -> bool:
+def _batch_cpp_takes(x: torch.Tensor, dtype: torch.dtype, lam_t: Optional[torch.Tensor]) -> bool:
     return x.device.type == "cpu" and x.dtype in _CPP_DTYPES and dtype in _CPP_DTYPES and x.numel() > 0
 
 
@@ -255,7 +256,7 @@ def _batch_cpp_impl(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.T
                     dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
     from .. import _build
 
-    if not _batch_cpp_takes(x, dtype) or perm.device.type != "cpu":
+    if not _batch_cpp_takes(x, dtype, lam_t) or perm.device.type != "cpu":
         raise ValueError(f"mixup_batch_cpp: needs non-empty fp32/bf16 CPU tensors, got {x.dtype} -> {dtype} "
                          f"on {x.device}")
     lam, oml = _lam_pair(lam_t, lam)
@@ -280,24 +281,15 @@ def _batch_cpp_impl(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.T
     return out
 
 
-@torch.library.custom_op("nft_fast::mixup_batch_cpp", mutates_args=())
-def _mixup_batch_cpp_op(
-    x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
-    dtype: torch.dtype, channels_last: bool,
-) -> torch.Tensor:
-    return _batch_cpp_impl(x, perm, lam_t, lam, dtype, channels_last)
-
-
-@_mixup_batch_cpp_op.register_fake
-def _(x, perm, lam_t, lam, dtype, channels_last):
-    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=channels_last_format(x.dim(), channels_last))
+def _ce_cpp_takes(logits: torch.Tensor, lam_t: Optional[torch.Tensor]) -> bool:
+    return logits.device.type == "cpu" and logits.dtype in _CPP_DTYPES
 
 
 def _ce_cpp_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor],
                      lam: float, need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     from .. import _build
 
-    if logits.device.type != "cpu" or logits.dtype not in _CPP_DTYPES:
+    if not _ce_cpp_takes(logits, lam_t):
         raise ValueError(f"mixup_ce_cpp_fwd: needs fp32/bf16 CPU logits, got {logits.dtype} on {logits.device}")
     lam, oml = _lam_pair(lam_t, lam)
     z, y, perm = logits.contiguous(), y.contiguous(), perm.contiguous()
@@ -310,89 +302,179 @@ def _ce_cpp_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, 
     return loss, dlogits
 
 
-def _ce_cpp_bwd_impl(grad: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+# ------------------------------------------------------------------------------ cuda ops
+# csrc/cuda/mixup.cu on CUDA tensors (or, under NFT_FAST_CUDA_EMU=1, on CPU tensors through
+# the emulator). A float32 lam tensor is read by the kernel on the device (CUDA-graph safe); a
+# lam tensor of another dtype runs the torch implementation (no host sync to convert it).
+
+
+def _cuda_device_ok(t: torch.Tensor) -> bool:
+    from .. import _build
+
+    return t.device.type == "cuda" or (t.device.type == "cpu" and _build.cuda_emu_enabled())
+
+
+def _cuda_lam_ok(lam_t: Optional[torch.Tensor]) -> bool:
+    return lam_t is None or lam_t.dtype == torch.float32
+
+
+def _batch_cuda_takes(x: torch.Tensor, dtype: torch.dtype, lam_t: Optional[torch.Tensor]) -> bool:
+    return (_cuda_device_ok(x) and x.dtype in _CPP_DTYPES and dtype in _CPP_DTYPES and x.numel() > 0
+            and _cuda_lam_ok(lam_t))
+
+
+def _cuda_lam(lam_t: Optional[torch.Tensor], lam: float) -> Tuple[int, float, float]:
+    """``(lam pointer or 0, lam, 1 - lam)``: 1 - lam in double for a float (both rounded to fp32 by
+    the binding, as torch's scalar multiply rounds them), in fp32 on the device for a tensor."""
+    if lam_t is None:
+        return 0, float(lam), 1.0 - float(lam)
+    return lam_t.data_ptr(), 0.0, 0.0
+
+
+def _batch_cuda_impl(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
+                     dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    from . import cuda_launch
+
+    if not _batch_cuda_takes(x, dtype, lam_t):
+        raise ValueError(f"mixup_batch_cuda: needs non-empty fp32/bf16 CUDA tensors (and a float32 lam tensor), "
+                         f"got {x.dtype} -> {dtype} on {x.device}")
+    fmt = channels_last_format(x.dim(), channels_last)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+    x, perm = x.contiguous(), perm.to(torch.int64).contiguous()
+    B = x.shape[0]
+    C = x.shape[1] if x.dim() > 1 else 1
+    mod, sms, stream = cuda_launch(x.device)
+    lam_ptr, lam_f, oml = _cuda_lam(lam_t, lam)
+    mod.mixup_batch_cuda(x.data_ptr(), x.dtype == torch.bfloat16, perm.data_ptr(), lam_ptr, lam_f, oml,
+                         out.data_ptr(), dtype == torch.bfloat16, B, C, x.numel() // (B * C),
+                         fmt != torch.contiguous_format, sms, stream)
+    return out
+
+
+def _ce_cuda_takes(logits: torch.Tensor, lam_t: Optional[torch.Tensor]) -> bool:
+    return _cuda_device_ok(logits) and logits.dtype in _CPP_DTYPES and _cuda_lam_ok(lam_t)
+
+
+def _ce_cuda_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor],
+                      lam: float, need_grad: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    from . import cuda_launch
+
+    if not _ce_cuda_takes(logits, lam_t):
+        raise ValueError(f"mixup_ce_cuda_fwd: needs fp32/bf16 CUDA logits (and a float32 lam tensor), got "
+                         f"{logits.dtype} on {logits.device}")
+    z, y, perm = logits.contiguous(), y.contiguous(), perm.to(torch.int64).contiguous()
+    B, K = z.shape
+    loss = z.new_empty((), dtype=torch.float32)
+    dlogits = z.new_empty((B, K), dtype=torch.float32)  # the kernel writes it in the same pass
+    rows = z.new_empty((B,), dtype=torch.float32)
+    mod, _, stream = cuda_launch(z.device)
+    lam_ptr, lam_f, oml = _cuda_lam(lam_t, lam)
+    mod.mixup_ce_fwd_cuda(z.data_ptr(), z.dtype == torch.bfloat16, y.data_ptr(), perm.data_ptr(), lam_ptr, lam_f,
+                          oml, B, K, dlogits.data_ptr(), rows.data_ptr(), loss.data_ptr(), stream)
+    return loss, dlogits
+
+
+# ------------------------------------------------ cpp / cuda: custom ops and entry points
+
+
+def _ce_bwd_impl(grad: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (dlogits * grad).to(dtype)
 
 
-@torch.library.custom_op("nft_fast::mixup_ce_cpp_fwd", mutates_args=())
-def _mixup_ce_cpp_fwd_op(
-    logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _ce_cpp_fwd_impl(logits, y, perm, lam_t, lam)
+def _define_ext_ops(kind: str, batch_takes, batch_impl, ce_takes, ce_fwd_impl):
+    """Backend ``kind``'s custom ops ``nft_fast::mixup_batch_{kind}``, ``nft_fast::mixup_ce_{kind}_fwd``
+    / ``_bwd`` (fake impls, autograd: what torch.compile traces) and its two entry points, which
+    outside compile call the kernels directly or through a plain autograd.Function (the
+    dispatcher round trips cost as much as the kernels at these sizes)."""
+
+    def batch_fwd(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
+                  dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+        return batch_impl(x, perm, lam_t, lam, dtype, channels_last)
+
+    def ce_fwd(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor],
+               lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return ce_fwd_impl(logits, y, perm, lam_t, lam)
+
+    def ce_bwd(grad: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _ce_bwd_impl(grad, dlogits, dtype)
+
+    batch_op = torch.library.custom_op(f"nft_fast::mixup_batch_{kind}", mutates_args=())(batch_fwd)
+    batch_op.register_fake(lambda x, perm, lam_t, lam, dtype, channels_last: torch.empty(
+        x.shape, dtype=dtype, device=x.device, memory_format=channels_last_format(x.dim(), channels_last)))
+    ce_fwd_op = torch.library.custom_op(f"nft_fast::mixup_ce_{kind}_fwd", mutates_args=())(ce_fwd)
+    ce_fwd_op.register_fake(lambda logits, y, perm, lam_t, lam: (
+        logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape, dtype=torch.float32)))
+    ce_bwd_op = torch.library.custom_op(f"nft_fast::mixup_ce_{kind}_bwd", mutates_args=())(ce_bwd)
+    ce_bwd_op.register_fake(lambda grad, dlogits, dtype: dlogits.new_empty(dlogits.shape, dtype=dtype))
+    ce_fwd_op.register_autograd(
+        lambda ctx, grad_loss, _gd: (ce_bwd_op(grad_loss, ctx.saved_tensors[0], ctx.logits_dtype),
+                                     None, None, None, None),
+        setup_context=_ce_setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, y, perm, lam_t, lam):
+            loss, dlogits = ce_fwd_impl(logits, y, perm, lam_t, lam)
+            ctx.logits_dtype = logits.dtype
+            ctx.save_for_backward(dlogits)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            (dlogits,) = ctx.saved_tensors
+            return _ce_bwd_impl(grad, dlogits, ctx.logits_dtype), None, None, None, None
+
+    Eager.__name__ = Eager.__qualname__ = f"_MixupCE{kind.capitalize()}Eager"
+
+    def mixup_batch_ext(x: torch.Tensor, perm: torch.Tensor, lam: Lam, dtype: Optional[torch.dtype] = None,
+                        channels_last: bool = False) -> torch.Tensor:
+        _check_batch(x, perm, lam, dtype)
+        dtype = x.dtype if dtype is None else dtype
+        lam_t, lam_f = _split_lam(lam)
+        if not batch_takes(x, dtype, lam_t):
+            return mixup_batch_torch(x, perm, lam, dtype, channels_last)
+        if torch.compiler.is_compiling():
+            return batch_op(x, perm, lam_t, lam_f, dtype, bool(channels_last))
+        return batch_impl(x, perm, lam_t, lam_f, dtype, bool(channels_last))
+
+    def mixup_cross_entropy_ext(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: Lam) -> torch.Tensor:
+        _check_ce(logits, y, perm, lam)
+        lam_t, lam_f = _split_lam(lam)
+        if not ce_takes(logits, lam_t):
+            return mixup_cross_entropy_torch(logits, y, perm, lam)
+        if torch.compiler.is_compiling():
+            return ce_fwd_op(logits, y, perm, lam_t, lam_f)[0]
+        if logits.requires_grad and torch.is_grad_enabled():
+            return Eager.apply(logits, y, perm, lam_t, lam_f)
+        return ce_fwd_impl(logits, y, perm, lam_t, lam_f, need_grad=False)[0]
+
+    mixup_batch_ext.__name__ = f"mixup_batch_{kind}"
+    mixup_cross_entropy_ext.__name__ = f"mixup_cross_entropy_{kind}"
+    return batch_op, ce_fwd_op, ce_bwd_op, Eager, mixup_batch_ext, mixup_cross_entropy_ext
 
 
-@_mixup_ce_cpp_fwd_op.register_fake
-def _(logits, y, perm, lam_t, lam):
-    return logits.new_empty((), dtype=torch.float32), logits.new_empty(logits.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("nft_fast::mixup_ce_cpp_bwd", mutates_args=())
-def _mixup_ce_cpp_bwd_op(grad: torch.Tensor, dlogits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _ce_cpp_bwd_impl(grad, dlogits, dtype)
-
-
-@_mixup_ce_cpp_bwd_op.register_fake
-def _(grad, dlogits, dtype):
-    return dlogits.new_empty(dlogits.shape, dtype=dtype)
-
-
-def _ce_cpp_backward(ctx, grad_loss, grad_dlogits):
-    (dlogits,) = ctx.saved_tensors
-    return _mixup_ce_cpp_bwd_op(grad_loss, dlogits, ctx.logits_dtype), None, None, None, None
-
-
-_mixup_ce_cpp_fwd_op.register_autograd(_ce_cpp_backward, setup_context=_ce_setup_context)
-
-
-class _MixupCECppEager(torch.autograd.Function):
-    """The custom ops' forward/backward without the dispatcher (used outside torch.compile)."""
-
-    @staticmethod
-    def forward(ctx, logits, y, perm, lam_t, lam):
-        loss, dlogits = _ce_cpp_fwd_impl(logits, y, perm, lam_t, lam)
-        ctx.logits_dtype = logits.dtype
-        ctx.save_for_backward(dlogits)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        (dlogits,) = ctx.saved_tensors
-        return _ce_cpp_bwd_impl(grad, dlogits, ctx.logits_dtype), None, None, None, None
-
-
-def mixup_batch_cpp(
-    x: torch.Tensor, perm: torch.Tensor, lam: Lam, dtype: Optional[torch.dtype] = None,
-    channels_last: bool = False,
-) -> torch.Tensor:
-    """C++ :func:`mixup_batch_torch`: one pass over fp32/bf16 CPU data, the layout change
+(_mixup_batch_cpp_op, _mixup_ce_cpp_fwd_op, _mixup_ce_cpp_bwd_op, _MixupCECppEager, mixup_batch_cpp,
+ mixup_cross_entropy_cpp) = _define_ext_ops("cpp", _batch_cpp_takes, _batch_cpp_impl, _ce_cpp_takes,
+                                            _ce_cpp_fwd_impl)
+mixup_batch_cpp.__doc__ = """C++ :func:`mixup_batch_torch`: one pass over fp32/bf16 CPU data, the layout change
     (NCHW <-> channels_last) fused in; bit-equal to the oracle. Other dtypes and devices run
     the torch implementation; x in another layout is made contiguous first."""
-    _check_batch(x, perm, lam, dtype)
-    dtype = x.dtype if dtype is None else dtype
-    if not _batch_cpp_takes(x, dtype):
-        return mixup_batch_torch(x, perm, lam, dtype, channels_last)
-    lam_t, lam_f = _split_lam(lam)
-    if torch.compiler.is_compiling():
-        return _mixup_batch_cpp_op(x, perm, lam_t, lam_f, dtype, bool(channels_last))
-    return _batch_cpp_impl(x, perm, lam_t, lam_f, dtype, bool(channels_last))
-
-
-def mixup_cross_entropy_cpp(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: Lam) -> torch.Tensor:
-    """C++ :func:`mixup_cross_entropy_torch` (fp32/bf16 CPU logits; others run the torch one):
+mixup_cross_entropy_cpp.__doc__ = """C++ :func:`mixup_cross_entropy_torch` (fp32/bf16 CPU logits; others run the torch one):
     loss and logit gradient in one pass per row, the backward scales the stored gradient."""
-    _check_ce(logits, y, perm, lam)
-    if logits.device.type != "cpu" or logits.dtype not in _CPP_DTYPES:
-        return mixup_cross_entropy_torch(logits, y, perm, lam)
-    lam_t, lam_f = _split_lam(lam)
-    if torch.compiler.is_compiling():
-        return _mixup_ce_cpp_fwd_op(logits, y, perm, lam_t, lam_f)[0]
-    if logits.requires_grad and torch.is_grad_enabled():
-        return _MixupCECppEager.apply(logits, y, perm, lam_t, lam_f)
-    return _ce_cpp_fwd_impl(logits, y, perm, lam_t, lam_f, need_grad=False)[0]
 
+(_mixup_batch_cuda_op, _mixup_ce_cuda_fwd_op, _mixup_ce_cuda_bwd_op, _MixupCECudaEager, mixup_batch_cuda,
+ mixup_cross_entropy_cuda) = _define_ext_ops("cuda", _batch_cuda_takes, _batch_cuda_impl, _ce_cuda_takes,
+                                             _ce_cuda_fwd_impl)
+mixup_batch_cuda.__doc__ = """CUDA :func:`mixup_batch_torch`: one pass, the output written in its dtype and layout;
+    bit-equal to the oracle (explicitly rounded products, no fma). fp32/bf16 data, a float lam or
+    a float32 lam tensor read on the device; anything else runs the torch implementation."""
+mixup_cross_entropy_cuda.__doc__ = """CUDA :func:`mixup_cross_entropy_torch`: one warp per row computes the loss and the logit
+    gradient; the row losses are averaged in row order (deterministic)."""
 
 register("mixup_batch", "cpp", mixup_batch_cpp)
 register("mixup_ce", "cpp", mixup_cross_entropy_cpp)
+register("mixup_batch", "cuda", mixup_batch_cuda)
+register("mixup_ce", "cuda", mixup_cross_entropy_cuda)
 
 
 # -------------------------------------------------------------------------------- dispatch
