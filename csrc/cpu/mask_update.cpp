@@ -5,9 +5,17 @@
 
 #include "mask_update.h"
 
+// Hardware fma (x86-64-v3 has FMA3) picked at load time: the package is built without -march
+// flags, and std::fma without the instruction is a slow library call.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define NFT_FMA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NFT_FMA_CLONES
+#endif
+
 namespace nft_fast {
 
-void mask_update_f32_cpu(float* m, const float* g, float* buf, const float* floor, int64_t n,
+NFT_FMA_CLONES void mask_update_f32_cpu(float* m, const float* g, float* buf, const float* floor, int64_t n,
                          float lr, float momentum, float reg_scale) {
 #pragma omp parallel for simd schedule(static) if (n > 65536)
   for (int64_t i = 0; i < n; ++i) {

@@ -24,13 +24,13 @@ void bind_cuda(py::module_& m) {
   // --- mask_update (csrc/cuda/mask_update.cu)
   m.def(
       "mask_update_cuda_f32",
-      [](std::uintptr_t mask, std::uintptr_t g, std::uintptr_t buf, std::uintptr_t floor, int64_t n, float lr,
-         float momentum, float reg_scale, std::uintptr_t stream) {
-        mask_update_f32_cuda(ptr<float>(mask), ptr<const float>(g), ptr<float>(buf), ptr<const float>(floor), n, lr,
-                             momentum, reg_scale, stream);
+      [](std::uintptr_t mask, std::uintptr_t g, std::uintptr_t buf, std::uintptr_t floor, int64_t n,
+         std::uintptr_t lr_ptr, float lr, float momentum, float reg_scale, std::uintptr_t stream) {
+        mask_update_f32_cuda(ptr<float>(mask), ptr<const float>(g), ptr<float>(buf), ptr<const float>(floor), n,
+                             ptr<const float>(lr_ptr), lr, momentum, reg_scale, stream);
       },
-      py::arg("mask"), py::arg("grad"), py::arg("buf"), py::arg("floor"), py::arg("n"), py::arg("lr"),
-      py::arg("momentum"), py::arg("reg_scale"), py::arg("stream"));
+      py::arg("mask"), py::arg("grad"), py::arg("buf"), py::arg("floor"), py::arg("n"), py::arg("lr_ptr"),
+      py::arg("lr"), py::arg("momentum"), py::arg("reg_scale"), py::arg("stream"));
 
   // --- masked_bn (csrc/cuda/masked_bn.cu); a pointer of 0 is an absent optional tensor.
   m.def(

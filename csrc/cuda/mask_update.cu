@@ -1,4 +1,6 @@
-// Fused NFT mask update on the GPU: one thread per mask element, grid-stride loop.
+// Fused NFT mask update on the GPU: one thread per mask element, grid-stride loop. The learning
+// rate is read from a device float when lr_p is given (a captured CUDA graph then follows the
+// schedule without re-capture), else taken by value.
 #include <cstdint>
 
 #include "compat.h"
@@ -8,7 +10,9 @@ namespace nft_fast {
 
 __global__ void mask_update_f32_kernel(float* __restrict__ m, const float* __restrict__ g,
                                        float* __restrict__ buf, const float* __restrict__ floor,
-                                       int64_t n, float lr, float momentum, float reg_scale) {
+                                       int64_t n, const float* __restrict__ lr_p, float lr_v, float momentum,
+                                       float reg_scale) {
+  const float lr = lr_p != nullptr ? *lr_p : lr_v;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
        i += (int64_t)gridDim.x * blockDim.x) {
     const float mi = m[i];
@@ -20,12 +24,12 @@ __global__ void mask_update_f32_kernel(float* __restrict__ m, const float* __res
 }
 
 void mask_update_f32_cuda(float* m, const float* g, float* buf, const float* floor, int64_t n,
-                          float lr, float momentum, float reg_scale, std::uintptr_t stream) {
+                          const float* lr_p, float lr, float momentum, float reg_scale, std::uintptr_t stream) {
   if (n == 0) return;
   const int threads = 256;
   const int64_t want = (n + threads - 1) / threads;
   const int blocks = (int)(want < 4096 ? want : 4096);
-  NFT_LAUNCH(mask_update_f32_kernel, blocks, threads, stream, m, g, buf, floor, n, lr, momentum, reg_scale);
+  NFT_LAUNCH(mask_update_f32_kernel, blocks, threads, stream, m, g, buf, floor, n, lr_p, lr, momentum, reg_scale);
   NFT_CHECK_LAUNCH("mask_update_f32_cuda");
 }
 

@@ -53,22 +53,19 @@ def mask_update_cpp(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
 
 
 def mask_update_cuda(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
-    from .. import _build
-
-    from . import backend_available
+    """CUDA ``mask_update`` (fp32 buffers; others run the torch implementation). A tensor ``lr`` is
+    read by the kernel on the device: CUDA-graph safe. CPU tensors run on the emulator
+    (NFT_FAST_CUDA_EMU=1)."""
+    from . import cuda_launch
 
     _check_flat(mask, grad, buf, floor)
-    if isinstance(lr, Tensor):  # the CUDA kernel takes lr by value: a device lr goes to triton / torch
-        fn = mask_update_triton if backend_available("triton") else mask_update_torch
-        return fn(mask, grad, buf, floor, lr, momentum, reg_scale)
+    _check_lr(lr, mask)
     if mask.dtype != torch.float32:
         return mask_update_torch(mask, grad, buf, floor, lr, momentum, reg_scale)
-    # CPU tensors run on the emulator (NFT_FAST_CUDA_EMU=1), which takes stream 0.
-    stream = torch.cuda.current_stream(mask.device).cuda_stream if mask.device.type == "cuda" else 0
-    _build.cuda_ext(mask.device).mask_update_cuda_f32(
-        mask.data_ptr(), grad.data_ptr(), buf.data_ptr(), floor.data_ptr(), mask.numel(),
-        float(lr), float(momentum), float(reg_scale), stream,
-    )
+    mod, _, stream = cuda_launch(mask.device)
+    lr_ptr, lr_v = (lr.data_ptr(), 0.0) if isinstance(lr, Tensor) else (0, float(lr))
+    mod.mask_update_cuda_f32(mask.data_ptr(), grad.data_ptr(), buf.data_ptr(), floor.data_ptr(), mask.numel(),
+                             lr_ptr, lr_v, float(momentum), float(reg_scale), stream)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)

@@ -54,6 +54,22 @@ def test_backend_bit_equal_to_torch(backend, n, lr, mom, reg):
     assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3]), "grad/floor must not be written"
 
 
+@pytest.mark.skipif(not ops.backend_available("cuda"), reason="no CUDA device and no emulator")
+@pytest.mark.parametrize("n", [7, 100_003])
+def test_cuda_reads_a_tensor_lr_on_the_device(n):
+    # The kernel itself reads lr (a captured graph follows the schedule): bit-equal to a float lr.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = [t.to(dev) for t in inputs(n, seed=n + 2)]
+    b = [t.clone() for t in a]
+    mask_update_torch(*a, 0.0229, 0.5, 0.1)
+    lr = torch.tensor([0.0229], device=dev)
+    with nft_fast.use_backend("cuda"):
+        ops.mask_update_(*b, lr, 0.5, 0.1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    with pytest.raises(ValueError, match="1-element float32"):
+        ops.mask_update.mask_update_cuda(*b, lr.double(), 0.5, 0.1)
+
+
 @pytest.mark.skipif(not ops.backend_available("cpp"), reason="C++ extension not built")
 def test_cpp_rejects_mismatched_buffers():
     m, grad, buf, floor = inputs(10)
