@@ -10,18 +10,15 @@
 #include <cstdint>
 
 #include "compat.h"
+#include "dtype.cuh"
 #include "../mixup.h"
 
 namespace nft_fast {
 namespace {
 
-using bf16 = __nv_bfloat16;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
+using cuda_dtype::bf16;
+using cuda_dtype::from_f;
+using cuda_dtype::to_f;
 
 constexpr int kThreads = 256;
 

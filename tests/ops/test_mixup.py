@@ -131,7 +131,8 @@ def test_batch_float64_falls_back_to_torch():
     assert torch.equal(M.mixup_batch_triton(x, perm, 0.2), M.mixup_batch_torch(x, perm, 0.2))
 
 
-@pytest.mark.parametrize("impl", [M.mixup_batch_torch, M.mixup_batch_triton])
+# Every backend's entry point validates before dispatching to its kernels (the same messages).
+@pytest.mark.parametrize("impl", [M.mixup_batch_torch, M.mixup_batch_triton, M.mixup_batch_cpp, M.mixup_batch_cuda])
 def test_batch_bad_input(impl):
     x = torch.randn(5, 3, 4, 4)
     perm = torch.randperm(5)
@@ -246,7 +247,8 @@ def test_ce_half_logits(dtype):
     torch.testing.assert_close(got_g, want_g, rtol=1e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", [M.mixup_cross_entropy_torch, M.mixup_cross_entropy_triton])
+@pytest.mark.parametrize("impl", [M.mixup_cross_entropy_torch, M.mixup_cross_entropy_triton,
+                                  M.mixup_cross_entropy_cpp, M.mixup_cross_entropy_cuda])
 def test_ce_bad_input(impl):
     z, y, perm = _ce_inputs(5, 4, seed=7)
     with pytest.raises(ValueError, match="perm has shape"):

@@ -3,9 +3,8 @@ one, on the CPU emulator (NFT_FAST_CUDA_EMU=1, conftest): the batch bit-equal, t
 gradient within a few fp32 ulps."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from test_mixup_cpp import BATCH_SHAPES, _ce_close, _ce_inputs, _loss_and_grad, _same  # noqa: E402
+from test_mixup_cpp import BATCH_SHAPES, _ce_close, _ce_inputs, _loss_and_grad, _same, compile_fullgraph_check  # noqa: E402,E501
 
 import nft_fast
 from nft_fast import ops
@@ -110,28 +109,10 @@ def test_opcheck():
     torch.library.opcheck(fwd, (z.detach().bfloat16().requires_grad_(), y, perm, torch.tensor([0.9], device=DEV), 0.0))
 
 
-def test_dispatch_and_compile_fullgraph():
-    g = torch.Generator().manual_seed(16)
-    x = torch.randn(5, 3, 4, 6, generator=g).to(DEV)
-    perm = torch.randperm(5, generator=g).to(DEV)
-    y = torch.randint(0, 10, (5,), generator=g).to(DEV)
-    w = torch.randn(10, 3 * 4 * 6, generator=g).to(DEV).requires_grad_()
-    lam = torch.tensor(0.37, device=DEV)
+@pytest.mark.parametrize("lam", [0.37, "tensor"])
+def test_dispatch_and_compile_fullgraph(lam):
     with nft_fast.use_backend("cuda"):
         assert ops.resolved_backend("mixup_batch", DEV) == "cuda"
         assert ops.resolved_backend("mixup_ce", DEV) == "cuda"
-
-    def step(x, perm, lam, w, y):
-        xm = M.mixup_batch_cuda(x, perm, lam, BF16, True)
-        return M.mixup_cross_entropy_cuda(F.linear(xm.float().flatten(1), w), y, perm, lam)
-
-    want = step(x, perm, lam, w, y)
-    (gw_want,) = torch.autograd.grad(want, w)
-    torch._dynamo.reset()
-    got = torch.compile(step, fullgraph=True)(x, perm, lam, w, y)
-    (gw_got,) = torch.autograd.grad(got, w)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(gw_got, gw_want, rtol=1e-5, atol=1e-6)
-    xm = M.mixup_batch_torch(x, perm, lam, BF16, True).float()
-    ref = M.mixup_cross_entropy_torch(F.linear(xm.flatten(1), w.detach()), y, perm, lam)
-    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-6)
+    compile_fullgraph_check(M.mixup_batch_cuda, M.mixup_cross_entropy_cuda,
+                            torch.tensor(0.37, device=DEV) if lam == "tensor" else lam, DEV)
