@@ -140,6 +140,12 @@ struct BwdIn {
   }
 };
 
+// a / b for a, b >= 0, in 32-bit arithmetic when both fit (64-bit division is a long
+// instruction sequence on the GPU, and these run once per vector in memory-bound loops).
+__device__ __forceinline__ int64_t div_small(int64_t a, int64_t b) {
+  return (a <= 0xffffffffLL && b <= 0xffffffffLL) ? (int64_t)((uint32_t)a / (uint32_t)b) : a / b;
+}
+
 constexpr int kRowsTx = 32;  // channel lanes of a rows-layout reduction block
 constexpr int kRowsTy = 8;   // row lanes
 constexpr int kThreads = 256;
@@ -186,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t e0 = p * elems_per_chunk, e1 = e0 + elems_per_chunk < M ? e0 + elems_per_chunk : M;
   Acc acc[1] = {Acc::zero()};
   for (int64_t e = e0 + (int64_t)threadIdx.x * VEC; e < e1; e += (int64_t)kThreads * VEC) {
-    const int64_t n = e / S, s = e - n * S;
+    const int64_t n = div_small(e, S), s = e - n * S;
     in.template add<VEC>((n * C + c) * S + s, acc, true, mean, c);
   }
   Acc a = acc[0];
@@ -249,7 +255,9 @@ __global__ void finalize_bwd(const float* __restrict__ part, int64_t P, int C, i
 template <bool ROWS, int VEC>
 __device__ __forceinline__ int channel_of(int64_t v, int C, int64_t S) {
   const int64_t e = v * VEC;
-  return ROWS ? (int)(e % C) : (int)((e / S) % C);
+  int64_t q = e;
+  if (!ROWS) q = div_small(e, S);
+  return q <= 0xffffffffLL ? (int)((uint32_t)q % (uint32_t)C) : (int)(q % C);
 }
 
 template <typename T, bool ROWS, int VEC>
