@@ -40,21 +40,22 @@ def _r(*shape, dtype=torch.float32, g=None) -> torch.Tensor:
 
 # Each case: op key -> (module to import, builder(impl) -> (run(), description)).
 
-def _bn(impl: Callable) -> Tuple[Callable, str]:
-    """Masked BN forward + backward (dx, dmask) in training mode; weights frozen."""
+def _bn(impl: Callable, dtype: torch.dtype = HALF) -> Tuple[Callable, str]:
+    """Masked BN forward + backward (dx, dmask) in training mode; weights frozen; activations in
+    ``dtype`` (bf16 on CUDA: the autocast step's)."""
     shape = (128, 256, 56, 56) if CUDA else (16, 64, 16, 16)
     g = _gen()
     C = shape[1]
-    x = _r(*shape, dtype=HALF, g=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = _r(*shape, dtype=dtype, g=g).contiguous(memory_format=torch.channels_last).requires_grad_()
     w, b = torch.rand(C, device=DEV, generator=g) + 0.5, _r(C, g=g)
     m = torch.rand(C, device=DEV, generator=g).requires_grad_()
     rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
-    dy = _r(*shape, dtype=HALF, g=g).contiguous(memory_format=torch.channels_last)
+    dy = _r(*shape, dtype=dtype, g=g).contiguous(memory_format=torch.channels_last)
 
     def run():
         y = impl(x, rm, rv, w, b, m, True, 0.1, 1e-5, None, False)
         return torch.autograd.grad(y, (x, m), dy)
-    return run, f"{shape} {str(HALF)[6:]} channels_last, fwd+bwd"
+    return run, f"{shape} {str(dtype)[6:]} channels_last, fwd+bwd"
 
 
 def _ln(impl: Callable) -> Tuple[Callable, str]:
@@ -136,10 +137,11 @@ CASES: Dict[str, Tuple[str, Callable]] = {
     "mixup_batch": ("nft_fast.ops.mixup", _mixup_batch),
     "mixup_ce": ("nft_fast.ops.mixup", _mixup_ce),
     # CPU-only variants (on CUDA the rows above have these shapes): case -> the op it times
+    "masked_bn_bf16": ("nft_fast.ops.masked_bn", functools.partial(_bn, dtype=torch.bfloat16)),
     "mixup_batch_bf16": ("nft_fast.ops.mixup", functools.partial(_mixup_batch, out_dtype=torch.bfloat16)),
     "mixup_ce_k1000": ("nft_fast.ops.mixup", functools.partial(_mixup_ce, K=1000)),
 }
-VARIANT_OF = {"mixup_batch_bf16": "mixup_batch", "mixup_ce_k1000": "mixup_ce"}
+VARIANT_OF = {"masked_bn_bf16": "masked_bn", "mixup_batch_bf16": "mixup_batch", "mixup_ce_k1000": "mixup_ce"}
 
 
 def _impl(case: str, backend: str) -> Callable:

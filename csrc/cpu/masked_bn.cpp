@@ -1,7 +1,8 @@
 // Masked BatchNorm (+ residual + ReLU) on the CPU, fp32 or bf16 storage with fp32 arithmetic and
 // double sums (see nft_fast/ops/masked_bn.py for the semantics and csrc/masked_bn.h for the layouts).
 //
-// Statistics: sums of (x - K) and (x - K)^2 in double, K = the channel's first value (a shift
+// Statistics: sums of (x - K) and (x - K)^2 in double (fp32 activations; bf16 ones sum each
+// chunk in fp32 -- far below bf16's own rounding -- and combine the chunks in double), K = the channel's first value (a shift
 // that keeps the sums small when |mean| >> std), so the variance matches torch's double
 // accumulation. The rows are cut into a number of chunks that depends only on the shape, each
 // chunk has its own partial sums and the partials are added in chunk order: the result does
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "masked_bn.h"
@@ -36,6 +38,12 @@ constexpr int64_t kMinChunkRows = 8;
 constexpr int64_t kParallelWork = 32768;  // elements below which one thread does it all
 
 using bf16 = uint16_t;  // bfloat16 bits (the upper half of an fp32)
+
+// Per-chunk accumulator: double for fp32 data (matches torch's double accumulation); fp32 for
+// bf16 data, whose 8-bit mantissa makes a chunk's fp32 sum error (< 1e-4 relative over the
+// <= M/64 rows of a chunk) irrelevant, at twice the SIMD width.
+template <typename T>
+using acc_t = typename std::conditional<std::is_same<T, bf16>::value, float, double>::type;
 
 // Loads widen to fp32 (exact for bf16); stores round to nearest even, NaN to 0x7FC0, as
 // c10::BFloat16 does. Integer ops only: they vectorise.
@@ -71,13 +79,14 @@ inline __attribute__((always_inline)) float relu_grad(float g, float y) {
 
 template <typename T>
 inline __attribute__((always_inline)) void rows_stats_t(const T* x, int64_t r0, int64_t r1, int64_t C,
-                                                        const double* K, double* s1, double* s2) {
-  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.0;
+                                                        const acc_t<T>* K, acc_t<T>* s1, acc_t<T>* s2) {
+  using A = acc_t<T>;
+  for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(ld(xr[c])) - K[c];
+      const A d = static_cast<A>(ld(xr[c])) - K[c];
       s1[c] += d;
       s2[c] += d * d;
     }
@@ -117,9 +126,10 @@ inline __attribute__((always_inline)) void apply_rows_t(const T* x, const T* res
 
 template <typename T>
 inline __attribute__((always_inline)) void rows_bwd_sums_t(const T* dy, const T* x, const T* y, int64_t r0,
-                                                           int64_t r1, int64_t C, const double* mean, double* s_dz,
-                                                           double* s_dzx) {
-  for (int64_t c = 0; c < C; ++c) s_dz[c] = s_dzx[c] = 0.0;
+                                                           int64_t r1, int64_t C, const acc_t<T>* mean, acc_t<T>* s_dz,
+                                                           acc_t<T>* s_dzx) {
+  using A = acc_t<T>;
+  for (int64_t c = 0; c < C; ++c) s_dz[c] = s_dzx[c] = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* dr = dy + r * C;
     const T* xr = x + r * C;
@@ -127,27 +137,28 @@ inline __attribute__((always_inline)) void rows_bwd_sums_t(const T* dy, const T*
       const T* yr = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const double dz = relu_grad(ld(dr[c]), ld(yr[c]));
+        const A dz = relu_grad(ld(dr[c]), ld(yr[c]));
         s_dz[c] += dz;
-        s_dzx[c] += dz * (static_cast<double>(ld(xr[c])) - mean[c]);
+        s_dzx[c] += dz * (static_cast<A>(ld(xr[c])) - mean[c]);
       }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const double dz = ld(dr[c]);
+        const A dz = ld(dr[c]);
         s_dz[c] += dz;
-        s_dzx[c] += dz * (static_cast<double>(ld(xr[c])) - mean[c]);
+        s_dzx[c] += dz * (static_cast<A>(ld(xr[c])) - mean[c]);
       }
     }
   }
 }
 
 template <typename T>
-inline __attribute__((always_inline)) void plane_stats_t(const T* x, int64_t S, double K, double* out) {
-  double s1 = 0.0, s2 = 0.0;
+inline __attribute__((always_inline)) void plane_stats_t(const T* x, int64_t S, acc_t<T> K, acc_t<T>* out) {
+  using A = acc_t<T>;
+  A s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
   for (int64_t i = 0; i < S; ++i) {
-    const double d = static_cast<double>(ld(x[i])) - K;
+    const A d = static_cast<A>(ld(x[i])) - K;
     s1 += d;
     s2 += d * d;
   }
@@ -157,21 +168,22 @@ inline __attribute__((always_inline)) void plane_stats_t(const T* x, int64_t S, 
 
 template <typename T>
 inline __attribute__((always_inline)) void plane_bwd_sums_t(const T* dy, const T* x, const T* y, int64_t S,
-                                                            double mean, double* out) {
-  double s1 = 0.0, s2 = 0.0;
+                                                            acc_t<T> mean, acc_t<T>* out) {
+  using A = acc_t<T>;
+  A s1 = 0, s2 = 0;
   if (y != nullptr) {
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t i = 0; i < S; ++i) {
-      const double dz = relu_grad(ld(dy[i]), ld(y[i]));
+      const A dz = relu_grad(ld(dy[i]), ld(y[i]));
       s1 += dz;
-      s2 += dz * (static_cast<double>(ld(x[i])) - mean);
+      s2 += dz * (static_cast<A>(ld(x[i])) - mean);
     }
   } else {
 #pragma omp simd reduction(+ : s1, s2)
     for (int64_t i = 0; i < S; ++i) {
-      const double dz = ld(dy[i]);
+      const A dz = ld(dy[i]);
       s1 += dz;
-      s2 += dz * (static_cast<double>(ld(x[i])) - mean);
+      s2 += dz * (static_cast<A>(ld(x[i])) - mean);
     }
   }
   out[0] = s1;
@@ -227,8 +239,8 @@ inline __attribute__((always_inline)) void dx_t(const T* dy, const T* x, const T
 // ------------------------------------ one target_clones entry per kernel and storage type
 
 #define NFT_KERNELS(T)                                                                                              \
-  NFT_CLONES void rows_stats(const T* x, int64_t r0, int64_t r1, int64_t C, const double* K, double* s1,            \
-                             double* s2) {                                                                          \
+  NFT_CLONES void rows_stats(const T* x, int64_t r0, int64_t r1, int64_t C, const acc_t<T>* K, acc_t<T>* s1,        \
+                             acc_t<T>* s2) {                                                                        \
     rows_stats_t<T>(x, r0, r1, C, K, s1, s2);                                                                       \
   }                                                                                                                 \
   NFT_CLONES void rows_apply(const T* x, const T* res, T* y, int64_t r0, int64_t r1, int64_t C, const float* mean,  \
@@ -240,11 +252,11 @@ inline __attribute__((always_inline)) void dx_t(const T* dy, const T* x, const T
     apply_rows_t<T, true>(x, res, y, 0, 1, S, mean, scale, shift, relu);                                            \
   }                                                                                                                 \
   NFT_CLONES void rows_bwd_sums(const T* dy, const T* x, const T* y, int64_t r0, int64_t r1, int64_t C,             \
-                                const double* mean, double* s_dz, double* s_dzx) {                                  \
+                                const acc_t<T>* mean, acc_t<T>* s_dz, acc_t<T>* s_dzx) {                            \
     rows_bwd_sums_t<T>(dy, x, y, r0, r1, C, mean, s_dz, s_dzx);                                                     \
   }                                                                                                                 \
-  NFT_CLONES void plane_stats(const T* x, int64_t S, double K, double* out) { plane_stats_t<T>(x, S, K, out); }     \
-  NFT_CLONES void plane_bwd_sums(const T* dy, const T* x, const T* y, int64_t S, double mean, double* out) {        \
+  NFT_CLONES void plane_stats(const T* x, int64_t S, acc_t<T> K, acc_t<T>* out) { plane_stats_t<T>(x, S, K, out); } \
+  NFT_CLONES void plane_bwd_sums(const T* dy, const T* x, const T* y, int64_t S, acc_t<T> mean, acc_t<T>* out) {    \
     plane_bwd_sums_t<T>(dy, x, y, S, mean, out);                                                                    \
   }                                                                                                                 \
   NFT_CLONES void rows_dx(const T* dy, const T* x, const T* y, T* dx, T* dres, int64_t r0, int64_t r1, int64_t C,   \
@@ -282,11 +294,13 @@ void fwd(const T* x, const T* res, const float* w, const float* m, const float* 
   const bool par = M * C > kParallelWork;
   if (training) {
     // Per channel: the shift, then (sum d, sum d^2) partials, then the ordered combination.
-    std::vector<double> K(C), s1(C, 0.0), s2(C, 0.0);
+    using A = acc_t<T>;
+    std::vector<A> K(C);
+    std::vector<double> s1(C, 0.0), s2(C, 0.0);
     for (int64_t c = 0; c < C; ++c) K[c] = ld(rows_c ? x[c] : x[c * S]);
     if (rows_c) {
       const int64_t rpc = chunk_rows(M), P = (M + rpc - 1) / rpc;
-      std::vector<double> part(2 * P * C);
+      std::vector<A> part(2 * P * C);
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t p = 0; p < P; ++p) {
         rows_stats(x, p * rpc, std::min(M, (p + 1) * rpc), C, K.data(), &part[2 * p * C], &part[(2 * p + 1) * C]);
@@ -298,7 +312,7 @@ void fwd(const T* x, const T* res, const float* w, const float* m, const float* 
         }
       }
     } else {
-      std::vector<double> part(2 * N * C);
+      std::vector<A> part(2 * N * C);
 #pragma omp parallel for schedule(static) if (par)
       for (int64_t i = 0; i < N * C; ++i) plane_stats(x + i * S, S, K[i % C], &part[2 * i]);
       for (int64_t n = 0; n < N; ++n) {
@@ -312,7 +326,7 @@ void fwd(const T* x, const T* res, const float* w, const float* m, const float* 
     for (int64_t c = 0; c < C; ++c) {
       const double d = s1[c] * inv_m;
       const double m2 = std::max(s2[c] - s1[c] * d, 0.0);
-      mean[c] = static_cast<float>(K[c] + d);
+      mean[c] = static_cast<float>(static_cast<double>(K[c]) + d);
       rstd[c] = static_cast<float>(1.0 / std::sqrt(m2 * inv_m + static_cast<double>(eps)));
       uvar[c] = static_cast<float>(m2 / static_cast<double>(std::max<int64_t>(M - 1, 1)));
     }
@@ -346,10 +360,12 @@ void bwd(const T* dy, const T* x, const T* y, const float* w, const float* m, co
   const int64_t M = N * S;
   const bool par = M * C > kParallelWork;
   const T* yr = relu ? y : nullptr;
-  std::vector<double> meand(mean, mean + C), s_dz(C, 0.0), s_dzx(C, 0.0);
+  using A = acc_t<T>;
+  std::vector<A> meand(mean, mean + C);
+  std::vector<double> s_dz(C, 0.0), s_dzx(C, 0.0);
   if (rows_c) {
     const int64_t rpc = chunk_rows(M), P = (M + rpc - 1) / rpc;
-    std::vector<double> part(2 * P * C);
+    std::vector<A> part(2 * P * C);
 #pragma omp parallel for schedule(static) if (par)
     for (int64_t p = 0; p < P; ++p) {
       rows_bwd_sums(dy, x, yr, p * rpc, std::min(M, (p + 1) * rpc), C, meand.data(), &part[2 * p * C],
@@ -362,7 +378,7 @@ void bwd(const T* dy, const T* x, const T* y, const float* w, const float* m, co
       }
     }
   } else {
-    std::vector<double> part(2 * N * C);
+    std::vector<A> part(2 * N * C);
 #pragma omp parallel for schedule(static) if (par)
     for (int64_t i = 0; i < N * C; ++i) {
       plane_bwd_sums(dy + i * S, x + i * S, yr != nullptr ? yr + i * S : nullptr, S, meand[i % C], &part[2 * i]);
