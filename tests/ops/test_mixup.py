@@ -9,6 +9,7 @@ import torch.nn.functional as F  # noqa: E402
 import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
 from nft_fast.ops import mixup as M  # noqa: E402
+from mixup_cases import ce_inputs, loss_and_grad  # noqa: E402
 
 CPU = torch.device("cpu")
 HALF = (torch.float16, torch.bfloat16)
@@ -168,19 +169,7 @@ def test_batch_opcheck():
 # --------------------------------------------------------------------------------- mixup CE
 
 
-def _ce_inputs(B, K, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(B, K, generator=g) * 3).to(dtype)
-    y = torch.randint(0, K, (B,), generator=g)
-    perm = torch.randperm(B, generator=g)
-    return z, y, perm
-
-
-def _loss_and_grad(fn, z, y, perm, lam, scale=1.0):
-    z = z.detach().clone().requires_grad_()
-    loss = fn(z, y, perm, lam)
-    (g,) = torch.autograd.grad(loss * scale, z)
-    return loss.detach(), g
+_ce_inputs, _loss_and_grad = ce_inputs, loss_and_grad
 
 
 @pytest.mark.parametrize("B", [1, 7, 130])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import nft_fast
 from nft_fast import _build, ops
 from nft_fast.ops import mixup as M
+from mixup_cases import ce_inputs, loss_and_grad  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _build.cpp_compiled(), reason="C++ extension not built")
 
@@ -154,19 +155,7 @@ def test_batch_opcheck():
 # --------------------------------------------------------------------------------- mixup CE
 
 
-def _ce_inputs(B, K, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(B, K, generator=g) * 3).to(dtype)
-    y = torch.randint(0, K, (B,), generator=g)
-    perm = torch.randperm(B, generator=g)
-    return z, y, perm
-
-
-def _loss_and_grad(fn, z, y, perm, lam, scale=1.0):
-    z = z.detach().clone().requires_grad_()
-    loss = fn(z, y, perm, lam)
-    (loss * scale).backward()
-    return loss.detach(), z.grad
+_ce_inputs, _loss_and_grad = ce_inputs, loss_and_grad
 
 
 def _ce_close(got, want, B, dtype=torch.float32):
