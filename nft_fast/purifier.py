@@ -188,9 +188,9 @@ class Purifier:
         ops.mask_update_(self._mask, self._grad, self._buf, self._floor, st["lr"], self.cfg.momentum, st["reg_scale"])
         st["loss"].copy_(loss.detach())
 
-    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor) -> Dict[str, float]:
-        if self.device.type != "cuda":
-            raise ValueError("NFTConfig(cuda_graph=True) needs the model on a CUDA device")
+    def _feed_static(self, x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor) -> Dict[str, Any]:
+        """Copy one step's inputs (batch, labels, perm, lam, lr) into the static buffers the
+        captured step reads on the device (created on first use), so each replay sees them."""
         st = getattr(self, "_static", None)
         if st is not None and (st["x"].shape != x.shape or st["y"].shape != y.shape):
             raise ValueError(f"cuda_graph needs a static batch shape: captured {tuple(st['x'].shape)}, got {tuple(x.shape)} "
@@ -209,12 +209,19 @@ class Purifier:
                 "loss": torch.empty((), dtype=torch.float32, device=self.device),
                 "reg": torch.empty((), dtype=self._mask.dtype, device=self.device),
             }
-        st["reg_scale"] = reg_scale = self._reg_scale
+        st["reg_scale"] = self._reg_scale
         st["x"].copy_(x, non_blocking=True)
         st["y"].copy_(y, non_blocking=True)
         st["perm"].copy_(perm, non_blocking=True)
         st["lam"].fill_(float(lam))
         st["lr"].fill_(float(self.lr))
+        return st
+
+    def _graph_step(self, x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor) -> Dict[str, float]:
+        if self.device.type != "cuda":
+            raise ValueError("NFTConfig(cuda_graph=True) needs the model on a CUDA device")
+        st = self._feed_static(x, y, lam, perm)
+        reg_scale = st["reg_scale"]
         if getattr(self, "_graph", None) is None:
             # Warm-up steps on a side stream (allocator, cuDNN and Triton autotuning), as the
             # capture requires; they are real steps, so the step count includes them. BN

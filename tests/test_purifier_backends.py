@@ -151,8 +151,45 @@ def test_cuda_graph_refused_where_it_cannot_run():
         p.step(torch.randn(shape), torch.randint(0, k, (shape[0],)))
 
 
+@pytest.mark.parametrize("backend", ["torch"] + [b.values[0] for b in _FAST])
+def test_captured_step_body_matches_eager_steps(backend, one_thread):
+    """The body a CUDA graph captures reads batch, perm, lam and lr from device buffers
+    (Purifier._feed_static); run uncaptured on CPU tensors (the cuda backend on the emulator,
+    triton under the interpreter) it must give the eager steps' masks, losses and BN buffers
+    while lr changes between steps as the round schedule does."""
+    if backend != "torch" and not ops.backend_available(backend):
+        pytest.skip(f"{backend} not available")
+    build_fn, shape, k, kw = CASES["resnet"]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(shape, generator=g), torch.randint(0, k, (shape[0],), generator=g),
+                float(torch.rand((), generator=g)), torch.randperm(shape[0], generator=g)) for _ in range(6)]
+    results = []
+    for body in (False, True):
+        torch.manual_seed(0)
+        model = build_fn()
+        nft_fast.attach_masks(model)
+        p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.1, seed=3), samples_per_class=2.0)
+        losses = []
+        with nft_fast.use_backend(backend):
+            for i, (x, y, lam, perm) in enumerate(batches):
+                p.lr = 0.1 if i < 3 else 0.05
+                if body:
+                    st = p._feed_static(x, y, lam, perm)
+                    p._graph_body()
+                    losses.append(float(st["loss"]))
+                else:
+                    losses.append(p.step(x, y, lam, perm)["loss"])
+        results.append((p.flat_masks(), torch.tensor(losses), {n: b.clone() for n, b in model.named_buffers()}))
+    (m0, l0, b0), (m1, l1, b1) = results
+    assert (m0 - 1).abs().max() > 1e-3
+    torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for n in b0:
+        torch.testing.assert_close(b1[n].float(), b0[n].float(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "auto", "cuda", "triton"])
 def test_cuda_graph_steps_match_eager_steps(backend):
     """Replaying the captured step with fresh lam / perm / batch / lr each time gives the
     masks of uncaptured steps (same sequence)."""
