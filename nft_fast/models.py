@@ -121,9 +121,10 @@ class PreActBlock(nn.Module):
         self._shortcut_name = shortcut_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
+        # relu(bn(.)) as one fused op when the norm is masked (the sum feeds no norm: unfused)
+        out = norm_act(self.bn1, x)
         sc = getattr(self, self._shortcut_name)(out) if hasattr(self, self._shortcut_name) else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        out = self.conv2(norm_act(self.bn2, self.conv1(out)))
         return out + sc
 
 

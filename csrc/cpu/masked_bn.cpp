@@ -74,6 +74,19 @@ inline __attribute__((always_inline)) float relu_grad(float g, float y) {
   return out;
 }
 
+// max(v, 0) with NaN kept (torch's relu), in integer ops for the same reason: a float select here
+// compiles to a branch per element (15x slower on random-signed bf16 data, 1.8x on fp32).
+inline __attribute__((always_inline)) float relu_f(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, 4);
+  const int32_t neg = b >> 31;                                               // all ones if the sign is set
+  const int32_t nan = -static_cast<int32_t>((b & 0x7FFFFFFF) > 0x7F800000);  // all ones for a NaN
+  b &= ~(neg & ~nan);
+  float out;
+  std::memcpy(&out, &b, 4);
+  return out;
+}
+
 // ------------------------------------------------- kernel bodies, templated on the storage type
 // (inlined into one target_clones function per type below).
 
@@ -102,7 +115,7 @@ inline __attribute__((always_inline)) void apply_span(const T* xr, const T* rr, 
     const int64_t c = PLANE ? 0 : i;
     float v = (ld(xr[i]) - mean[c]) * scale[c] + shift[c];
     if (RES) v += ld(rr[i]);
-    if (RELU) v = std::max(v, 0.0f);
+    if (RELU) v = relu_f(v);
     st(yr + i, v);
   }
 }

@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads)
       const float scale = (__ldg(w + c) * __ldg(m + c)) * __ldg(rstd + c);
       float o = (xv[j] - __ldg(mean + c)) * scale + (b != nullptr ? __ldg(b + c) : 0.f);
       if (res != nullptr) o += rv[j];
-      out[j] = relu ? fmaxf(o, 0.f) : o;
+      out[j] = relu && o < 0.f ? 0.f : o;  // NaN stays NaN, as torch's relu (fmaxf would drop it)
     }
     store<T, VEC>(y + v * VEC, out);
   }
