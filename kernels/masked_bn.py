@@ -110,7 +110,7 @@ def _apply_kernel(x_ptr, y_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, m_ptr, b_ptr
     if HAS_RES:
         y += tl.load(res_ptr + _row_offsets(rows, S, rn, rs)[:, None] + c64[None, :] * rc, mask=m, other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as torch's relu (tl.maximum drops it)
     tl.store(y_ptr + _row_offsets(rows, S, yn, ys)[:, None] + c64[None, :] * yc, y.to(y_ptr.dtype.element_ty), mask=m)
 
 

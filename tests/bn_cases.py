@@ -49,3 +49,16 @@ def bn_run(fn, x, w, b, m, res, dy, *, training=True, relu=False, use_res=False,
 
 def close(a, b, scale=1.0, rtol=1e-5, atol=2e-5):
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)
+
+
+def relu_nan_check(fn, device="cpu", dtype=torch.float32):
+    """``fn`` in eval mode with an identity affine is ``relu(x)`` exactly, as torch's: NaN (either
+    sign) stays NaN, negatives and -0 become 0, +-inf pass / vanish."""
+    x = torch.tensor([[-1.5, 0.0, -0.0, 2.0, float("nan"), -float("nan"), -float("inf"), float("inf")]] * 2)
+    x = x.to(device, dtype)
+    C = x.shape[1]
+    one, zero = torch.ones(C, device=device), torch.zeros(C, device=device)
+    y = fn(x, zero, one, one, zero, one, False, 0.1, 0.0, None, True)
+    want = torch.relu(x)
+    assert torch.equal(y.isnan(), want.isnan())
+    assert torch.equal(torch.nan_to_num(y.float()), torch.nan_to_num(want.float()))

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 pytest.importorskip("triton")
 
-from bn_cases import BN_SHAPES, bn_inputs, bn_run, close  # noqa: E402
+from bn_cases import BN_SHAPES, bn_inputs, bn_run, close, relu_nan_check  # noqa: E402
 
 import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
@@ -150,3 +150,7 @@ def test_gpu_large(dtype, shape, fmt):
     torch.testing.assert_close(g1["x"].float(), g0["x"].float(), **tol)
     # Mask gradients are sums over N*S values: compare relative to their magnitude.
     torch.testing.assert_close(g1["m"], g0["m"], rtol=2e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-2 * g0["m"].abs().max().item())
+
+
+def test_relu_keeps_nan_and_zeroes_negatives_like_torch():
+    relu_nan_check(masked_batch_norm_triton, "cuda" if torch.cuda.is_available() else "cpu")

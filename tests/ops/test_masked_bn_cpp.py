@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bn_cases import BN_SHAPES, bn_inputs, bn_run, close  # noqa: E402
+from bn_cases import BN_SHAPES, bn_inputs, bn_run, close, relu_nan_check  # noqa: E402
 
 import nft_fast
 from nft_fast import _build, ops
@@ -196,16 +196,7 @@ def test_bf16_rounding_is_torchs(impl):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_relu_keeps_nan_and_zeroes_negatives_like_torch(impl, dtype):
-    # Eval mode, identity affine: y = relu(x + res) exactly; NaN (either sign) stays NaN, -0 -> 0.
-    d = impl.device
-    x = torch.tensor([[-1.5, 0.0, -0.0, 2.0, float("nan"), -float("nan"), -float("inf"), float("inf")]] * 2)
-    x = x.to(d, dtype)
-    C = x.shape[1]
-    one, zero = torch.ones(C, device=d), torch.zeros(C, device=d)
-    y = impl.fn(x, zero, one, one, zero, one, False, 0.1, 0.0, None, True)
-    want = torch.relu(x)
-    assert torch.equal(y.isnan(), want.isnan())
-    assert torch.equal(torch.nan_to_num(y.float()), torch.nan_to_num(want.float()))
+    relu_nan_check(impl.fn, impl.device, dtype)
 
 
 @pytest.mark.parametrize("case", ["fp16", "mixed_res"])
