@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "masked_bn.h"
+#include "cpu/bf16.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -37,30 +38,15 @@ constexpr int64_t kMaxChunks = 64;       // row chunks of the rows x C reduction
 constexpr int64_t kMinChunkRows = 8;
 constexpr int64_t kParallelWork = 32768;  // elements below which one thread does it all
 
-using bf16 = uint16_t;  // bfloat16 bits (the upper half of an fp32)
+using cpu_bf16::bf16;  // fp32/bf16 loads and stores: csrc/cpu/bf16.h
+using cpu_bf16::ld;
+using cpu_bf16::st;
 
 // Per-chunk accumulator: double for fp32 data (matches torch's double accumulation); fp32 for
 // bf16 data, whose 8-bit mantissa makes a chunk's fp32 sum error (< 1e-4 relative over the
 // <= M/64 rows of a chunk) irrelevant, at twice the SIMD width.
 template <typename T>
 using acc_t = typename std::conditional<std::is_same<T, bf16>::value, float, double>::type;
-
-// Loads widen to fp32 (exact for bf16); stores round to nearest even, NaN to 0x7FC0, as
-// c10::BFloat16 does. Integer ops only: they vectorise.
-inline __attribute__((always_inline)) float ld(float v) { return v; }
-inline __attribute__((always_inline)) float ld(bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline __attribute__((always_inline)) void st(float* p, float v) { *p = v; }
-inline __attribute__((always_inline)) void st(bf16* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  *p = static_cast<bf16>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
-}
 
 // dy where y > 0, else 0 (ReLU backward), with integer ops: GCC does not if-convert a float
 // compare-and-select in these loops. A positive float's bits are a positive int32 (y is finite).

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "mixup.h"
+#include "cpu/bf16.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define NFT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -35,27 +36,13 @@
 namespace nft_fast {
 namespace {
 
-using bf16 = uint16_t;  // bfloat16 bits (the upper half of an fp32)
+using cpu_bf16::bf16;
+using cpu_bf16::ld;
+using cpu_bf16::st;
 
 constexpr int64_t kParallelWork = 32768;  // elements below which one thread does it all
 constexpr int64_t kChunk = 16384;         // elements per work item of the batch mix
 constexpr int64_t kTile = 32;             // transpose tile edge (general case)
-
-NFT_INLINE float ld(float v) { return v; }
-NFT_INLINE float ld(bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-NFT_INLINE void st(float* p, float v) { *p = v; }
-// Round to nearest even, NaN -> 0x7FC0 (c10::BFloat16); integer ops, so it vectorises.
-NFT_INLINE void st(bf16* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  *p = static_cast<bf16>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
-}
 
 // ------------------------------------------------------------------------------- batch mix
 

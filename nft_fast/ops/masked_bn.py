@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import register, resolve
+from . import _device_ok, register, resolve
 
 
 def masked_batch_norm_torch(
@@ -162,19 +162,11 @@ def _rows_layout(x: Tensor) -> Optional[bool]:
     return None
 
 
-def _ext_device_ok(kind: str, device: torch.device) -> bool:
-    if kind == "cpp":
-        return device.type == "cpu"
-    from .. import _build
-
-    return device.type == "cuda" or (device.type == "cpu" and _build.cuda_emu_enabled())
-
-
 def _ext_takes(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
                residual: Optional[Tensor]) -> bool:
     """Whether backend ``kind``'s kernels run this call (else the torch implementation does): x fp32
     or bf16 on the backend's device (the residual alike), fp32 parameters there, a dense layout."""
-    if not _ext_device_ok(kind, x.device) or x.dtype not in _EXT_DTYPES or x.dim() < 2 or x.numel() == 0:
+    if not _device_ok(kind, x.device) or x.dtype not in _EXT_DTYPES or x.dim() < 2 or x.numel() == 0:
         return False
     if any(t is not None and (t.device != x.device or t.dtype != torch.float32) for t in (weight, bias, mask)):
         return False

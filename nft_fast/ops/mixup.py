@@ -23,7 +23,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from . import register, resolve
+from . import _device_ok, register, resolve
 
 Lam = Union[float, torch.Tensor]
 _HALF = (torch.float16, torch.bfloat16)
@@ -308,18 +308,12 @@ def _ce_cpp_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, 
 # lam tensor of another dtype runs the torch implementation (no host sync to convert it).
 
 
-def _cuda_device_ok(t: torch.Tensor) -> bool:
-    from .. import _build
-
-    return t.device.type == "cuda" or (t.device.type == "cpu" and _build.cuda_emu_enabled())
-
-
 def _cuda_lam_ok(lam_t: Optional[torch.Tensor]) -> bool:
     return lam_t is None or lam_t.dtype == torch.float32
 
 
 def _batch_cuda_takes(x: torch.Tensor, dtype: torch.dtype, lam_t: Optional[torch.Tensor]) -> bool:
-    return (_cuda_device_ok(x) and x.dtype in _CPP_DTYPES and dtype in _CPP_DTYPES and x.numel() > 0
+    return (_device_ok("cuda", x.device) and x.dtype in _CPP_DTYPES and dtype in _CPP_DTYPES and x.numel() > 0
             and _cuda_lam_ok(lam_t))
 
 
@@ -352,7 +346,7 @@ def _batch_cuda_impl(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.
 
 
 def _ce_cuda_takes(logits: torch.Tensor, lam_t: Optional[torch.Tensor]) -> bool:
-    return _cuda_device_ok(logits) and logits.dtype in _CPP_DTYPES and _cuda_lam_ok(lam_t)
+    return _device_ok("cuda", logits.device) and logits.dtype in _CPP_DTYPES and _cuda_lam_ok(lam_t)
 
 
 def _ce_cuda_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor],

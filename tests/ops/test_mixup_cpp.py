@@ -47,9 +47,12 @@ BATCH_SHAPES = [(7,), (2, 5), (33, 10), (1, 5, 9), (7, 3, 5, 6), (5, 4, 3, 7), (
                 (7, 3, 2, 5, 3), (2, 6, 4, 7, 5), (3, 70, 9, 7), (64, 3, 32, 32), (2, 2, 8, 16, 16)]
 
 
+# (input dtype, output dtype or None = the input's): every pair the kernels take
+BATCH_DTYPES = [(torch.float32, None), (torch.float32, BF16), (BF16, None), (BF16, torch.float32)]
+
+
 @pytest.mark.parametrize("shape", BATCH_SHAPES, ids=str)
-@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, None), (torch.float32, BF16), (BF16, None),
-                                                (BF16, torch.float32)])
+@pytest.mark.parametrize("in_dtype,out_dtype", BATCH_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batch_bit_equal_to_oracle(shape, in_dtype, out_dtype, channels_last):
     g = torch.Generator().manual_seed(sum(shape))

@@ -4,7 +4,7 @@ gradient within a few fp32 ulps."""
 import pytest
 import torch
 
-from test_mixup_cpp import BATCH_SHAPES, _ce_close, _ce_inputs, _loss_and_grad, _same, compile_fullgraph_check  # noqa: E402,E501
+from test_mixup_cpp import BATCH_DTYPES, BATCH_SHAPES, _ce_close, _ce_inputs, _loss_and_grad, _same, compile_fullgraph_check  # noqa: E402,E501
 
 import nft_fast
 from nft_fast import ops
@@ -17,8 +17,7 @@ BF16 = torch.bfloat16
 
 
 @pytest.mark.parametrize("shape", BATCH_SHAPES, ids=str)
-@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, None), (torch.float32, BF16), (BF16, None),
-                                                (BF16, torch.float32)])
+@pytest.mark.parametrize("in_dtype,out_dtype", BATCH_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batch_bit_equal_to_oracle(shape, in_dtype, out_dtype, channels_last):
     g = torch.Generator().manual_seed(sum(shape))
