@@ -27,6 +27,14 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+// Bounds of the section holding every __shared__ variable (cuda_emu.h); weak: a module
+// without any has no such section.
+extern "C" {
+extern char __start_nft_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern char __stop_nft_emu_shared[] __attribute__((weak, visibility("hidden")));
+}
 
 uint3 threadIdx = {0, 0, 0};
 uint3 blockIdx = {0, 0, 0};
@@ -121,6 +129,17 @@ struct Warp {
   unsigned exist = 0, waiting = 0, exited = 0;
 };
 
+enum Schedule : int { kForward = 0, kReverse, kRandom };
+const char* const kScheduleNames[] = {"forward", "reverse", "random"};
+
+// splitmix64: seeds and drives the random schedule (reproducible from seed and launch number).
+inline std::uint64_t splitmix(std::uint64_t& s) {
+  std::uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
 struct Runtime {
   std::mutex mu;  // one launch at a time (process-wide): __shared__ statics, the fiber pool
   bool use_ucontext = !NFT_EMU_ASM_SWITCH;
@@ -141,6 +160,12 @@ struct Runtime {
   int n_wait_block = 0, n_exited = 0;
   Warp warps[kMaxThreads / 32];
   unsigned long long launches = 0;
+  // schedule (set_schedule / NFT_FAST_CUDA_EMU_SCHEDULE)
+  int schedule = kForward;
+  unsigned long long seed = 0;
+  std::uint64_t rng = 0;                 // per launch: from seed and launch number
+  unsigned long long since_schedule = 0;  // launches since set_schedule: the same calls replay
+  int order[kMaxThreads];
 };
 
 Runtime& rt() {
@@ -159,6 +184,18 @@ void setup(Runtime& r) {
   if (r.ready) return;
   const char* force = std::getenv("NFT_FAST_CUDA_EMU_UCONTEXT");
   if (force && *force && std::string(force) != "0") r.use_ucontext = true;
+  if (const char* sch = std::getenv("NFT_FAST_CUDA_EMU_SCHEDULE"); sch && *sch) {
+    const std::string v(sch);
+    const std::size_t colon = v.find(':');
+    const std::string kind = v.substr(0, colon);
+    int k = -1;
+    for (int i = 0; i < 3; ++i)
+      if (kind == kScheduleNames[i]) k = i;
+    if (k < 0)
+      throw std::invalid_argument("NFT_FAST_CUDA_EMU_SCHEDULE=" + v + ": expected forward, reverse or random[:seed]");
+    r.schedule = k;
+    if (colon != std::string::npos) r.seed = std::stoull(v.substr(colon + 1));
+  }
   const long pg = sysconf(_SC_PAGESIZE);
   r.page = pg > 0 ? (std::size_t)pg : 4096;
   r.slot = kStackBytes + r.page;  // guard page below each stack
@@ -468,6 +505,21 @@ void try_release_warp(Runtime& r, int w) {
   throw std::runtime_error("emulated kernel failed: " + where(r) + ", thread " + xyz(f.tid) + ": " + what);
 }
 
+// A GPU starts a block with undefined shared memory: fill every __shared__ variable with poison.
+void poison_shared(Runtime& r) {
+  char* lo = __start_nft_emu_shared;
+  char* hi = __stop_nft_emu_shared;
+  if (!lo || !hi || hi <= lo) return;
+  if (r.schedule != kRandom) {
+    std::memset(lo, 0xff, (std::size_t)(hi - lo));
+    return;
+  }
+  for (char* p = lo; p < hi; p += 8) {
+    const std::uint64_t v = splitmix(r.rng);
+    std::memcpy(p, &v, (std::size_t)std::min<std::ptrdiff_t>(8, hi - p));
+  }
+}
+
 void run_block(Runtime& r) {
   const int T = r.nthreads;
   const unsigned bx = blockDim.x, by = blockDim.y;
@@ -486,10 +538,15 @@ void run_block(Runtime& r) {
   }
   r.n_wait_block = 0;
   r.n_exited = 0;
+  poison_shared(r);
+  for (int i = 0; i < T; ++i) r.order[i] = r.schedule == kReverse ? T - 1 - i : i;
   int live = T;
   while (live > 0) {
     bool ran = false;
-    for (int i = 0; i < T; ++i) {
+    if (r.schedule == kRandom)  // Fisher-Yates: a fresh resume order for every pass
+      for (int i = T - 1; i > 0; --i) std::swap(r.order[i], r.order[splitmix(r.rng) % (std::uint64_t)(i + 1)]);
+    for (int k = 0; k < T; ++k) {
+      const int i = r.order[k];
       Fiber& f = r.fibers[i];
       if (f.state != kRunnable) continue;
       ran = true;
@@ -591,12 +648,52 @@ void run_kernel(const char* name, dim3 grid, dim3 block, void (*body)(void*), vo
   blockDim = block;
   gridDim = grid;
   ++r.launches;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = uint3{x, y, z};
-        run_block(r);
-      }
+  std::uint64_t s0 = r.seed * 0x100000001b3ull ^ ++r.since_schedule;
+  r.rng = splitmix(s0);
+  const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
+  auto run_linear = [&](unsigned long long b) {
+    blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
+    run_block(r);
+  };
+  if (r.schedule == kRandom) {
+    if (nb > (1ull << 26)) throw std::runtime_error("CUDA emulator: the random schedule takes at most 2^26 blocks");
+    std::vector<unsigned long long> blocks(nb);
+    for (unsigned long long b = 0; b < nb; ++b) blocks[b] = b;
+    for (unsigned long long i = nb - 1; i > 0; --i) std::swap(blocks[i], blocks[splitmix(r.rng) % (i + 1)]);
+    for (unsigned long long b : blocks) run_linear(b);
+  } else if (r.schedule == kReverse) {
+    for (unsigned long long b = nb; b-- > 0;) run_linear(b);
+  } else {
+    for (unsigned long long b = 0; b < nb; ++b) run_linear(b);
+  }
+}
+
+void set_schedule(const char* kind, unsigned long long seed) {
+  const std::string k = kind ? kind : "";
+  int v = -1;
+  for (int i = 0; i < 3; ++i)
+    if (k == kScheduleNames[i]) v = i;
+  if (v < 0) throw std::invalid_argument("CUDA emulator schedule '" + k + "': expected forward, reverse or random");
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  r.schedule = v;
+  r.seed = seed;
+  r.since_schedule = 0;
+}
+
+const char* schedule() {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  return kScheduleNames[r.schedule];
+}
+
+unsigned long long schedule_seed() {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  return r.seed;
 }
 
 const char* switch_backend() {

@@ -14,9 +14,23 @@
 // Launches are serialised process-wide, so __shared__ is a function-local static and atomics
 // are plain read-modify-writes (a fiber is never switched inside one).
 //
+// Race and init checks (what a GPU does differently from one fixed serial order):
+//   schedule         set_schedule("forward" | "reverse" | "random", seed), or the environment
+//                    variable NFT_FAST_CUDA_EMU_SCHEDULE=forward|reverse|random[:seed], sets the
+//                    order in which blocks run and in which each pass resumes the block's runnable
+//                    fibers (random: a fresh permutation per pass, from seed and launch number).
+//                    A deterministic kernel gives bit-identical results under every schedule; one
+//                    whose result changes has a race (a read and a write, or two writes, of one
+//                    address between two barriers, in different threads or blocks).
+//   __shared__       every __shared__ variable lives in the ELF section nft_emu_shared, which is
+//                    filled with poison at the start of every block (0xff bytes: NaN / -1; random
+//                    bytes under the random schedule), as a GPU gives a block undefined shared
+//                    memory: a read before the block wrote it shows up in the result.
+//
 // Not emulated: dynamic (extern) shared memory, cooperative groups, clusters, inter-block
 // synchronisation or spin-waits on memory another thread of the block writes (the spinning
-// fiber never yields), races (they are serialised in one fixed order), the GPU memory model,
+// fiber never yields), interleavings finer than one barrier interval (a race shows up only as
+// a result that depends on the schedule), the GPU memory model,
 // timing, nvcc's FMA contraction and --use_fast_math approximations/flush-to-zero (the module
 // builds with -ffp-contract=off: only written fmaf/__fmaf_rn fuse).
 #pragma once
@@ -46,8 +60,9 @@
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) alignas(n)
-// Blocks run one at a time and launches are serialised: one static copy is the block's.
-#define __shared__ static
+// Blocks run one at a time and launches are serialised: one static copy is the block's. The
+// section lets the runtime poison all of them at each block start (see above).
+#define __shared__ static __attribute__((section("nft_emu_shared")))
 // __restrict__ is a GNU C++ keyword already.
 
 // ------------------------------------------------------------------------- vector types
@@ -122,6 +137,11 @@ void run_kernel(const char* name, dim3 grid, dim3 block, void (*body)(void*), vo
 void set_last_error(int err);
 const char* switch_backend();      // "asm-x86_64" or "ucontext"
 unsigned long long launch_count();  // launches run so far (valid configurations)
+// Block and fiber order of later launches: "forward" (the default), "reverse" or "random"
+// (seeded); throws std::invalid_argument on another name. schedule() names the current one.
+void set_schedule(const char* kind, unsigned long long seed);
+const char* schedule();
+unsigned long long schedule_seed();
 }  // namespace detail
 
 template <typename... P>

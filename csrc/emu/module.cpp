@@ -25,6 +25,12 @@ PYBIND11_MODULE(_cuda_emu, m) {
   m.def("switch_backend", []() { return std::string(nft_emu::detail::switch_backend()); },
         "fiber context switch in use: 'asm-x86_64' or 'ucontext'");
   m.def("launch_count", []() { return nft_emu::detail::launch_count(); });
+  m.def("set_schedule", [](const std::string& kind, unsigned long long seed) { nft_emu::detail::set_schedule(kind.c_str(), seed); },
+        py::arg("kind"), py::arg("seed") = 0,
+        "order of blocks and fibers in later launches: 'forward' (default), 'reverse' or 'random' (seeded); "
+        "a deterministic kernel gives bit-identical results under each");
+  m.def("schedule", []() { return py::make_tuple(std::string(nft_emu::detail::schedule()), nft_emu::detail::schedule_seed()); },
+        "(kind, seed) of the current schedule");
 
   namespace st = nft_fast::emu_selftest;
   py::module_ t = m.def_submodule("selftest", "emulator self-test kernels (tests/ops/test_cuda_emu.py)");
@@ -69,5 +75,10 @@ PYBIND11_MODULE(_cuda_emu, m) {
     st::shfl_after_exit(ptr<const float>(x), ptr<float>(out), n, threads);
   });
   t.def("divergent_sync", [](std::uintptr_t out, int threads) { st::divergent_sync(ptr<float>(out), threads); });
+  t.def("racy_neighbour", [](std::uintptr_t x, std::uintptr_t out, int blocks, int threads) {
+    st::racy_neighbour(ptr<const float>(x), ptr<float>(out), blocks, threads);
+  });
+  t.def("uninit_shared", [](std::uintptr_t out, int blocks, int threads) { st::uninit_shared(ptr<float>(out), blocks, threads); });
+  t.def("last_block", [](std::uintptr_t last, int blocks) { st::last_block(ptr<int>(last), blocks); });
   t.def("trap_kernel", [](int threads) { st::trap_kernel(threads); });
 }

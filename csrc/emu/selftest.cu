@@ -187,6 +187,29 @@ __global__ void trap_kernel_impl(int who) {
   if ((int)threadIdx.x == who) __trap();
 }
 
+// Deliberately racy: thread t writes s[t] and, with no barrier, reads its neighbour's slot; the
+// result depends on which thread ran first (the emulator's schedule; on a GPU, on timing).
+__global__ void racy_neighbour_kernel(const float* __restrict__ x, float* __restrict__ out) {
+  __shared__ float s[1024];
+  const int t = threadIdx.x;
+  s[t] = x[blockIdx.x * blockDim.x + t];
+  out[blockIdx.x * blockDim.x + t] = s[(t + 1) % blockDim.x];  // missing __syncthreads()
+}
+
+// Reads shared memory nobody in the block wrote: undefined on a GPU, poison on the emulator.
+__global__ void uninit_shared_kernel(float* __restrict__ out) {
+  __shared__ float s[1024];
+  const int t = threadIdx.x;
+  if (t % 2 == 0) s[t] = 1.0f;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + t] = s[t | 1];  // odd slots: never written
+}
+
+// Cross-block race on global memory: every block writes its id to *last.
+__global__ void last_block_kernel(int* __restrict__ last) {
+  if (threadIdx.x == 0) *last = (int)blockIdx.x;
+}
+
 }  // namespace
 
 void block_sum(const float* x, float* out, int n, int blocks, int bx, int by) {
@@ -270,6 +293,21 @@ void shfl_after_exit(const float* x, float* out, int n, int threads) {
 void divergent_sync(float* out, int threads) {
   NFT_LAUNCH(divergent_sync_kernel, 1, threads, 0, out);
   NFT_CHECK_LAUNCH("divergent_sync");
+}
+
+void racy_neighbour(const float* x, float* out, int blocks, int threads) {
+  NFT_LAUNCH(racy_neighbour_kernel, blocks, threads, 0, x, out);
+  NFT_CHECK_LAUNCH("racy_neighbour");
+}
+
+void uninit_shared(float* out, int blocks, int threads) {
+  NFT_LAUNCH(uninit_shared_kernel, blocks, threads, 0, out);
+  NFT_CHECK_LAUNCH("uninit_shared");
+}
+
+void last_block(int* last, int blocks) {
+  NFT_LAUNCH(last_block_kernel, blocks, 32, 0, last);
+  NFT_CHECK_LAUNCH("last_block");
 }
 
 void trap_kernel(int threads) {

@@ -36,5 +36,9 @@ void deadlock_shfl_vs_sync(float* out, int threads);  // lane 0 at __syncthreads
 void shfl_after_exit(const float* x, float* out, int n, int threads);  // full-mask shuffle after `if (i >= n) return`
 void divergent_sync(float* out, int threads);  // two different __syncthreads statements
 void trap_kernel(int threads);                 // __trap() in thread 5
+// Deliberately racy or undefined kernels: results that depend on the schedule / show the poison.
+void racy_neighbour(const float* x, float* out, int blocks, int threads);  // s[t] = x; out = s[t+1], no barrier
+void uninit_shared(float* out, int blocks, int threads);  // out[t] = s[t | 1], odd slots never written
+void last_block(int* last, int blocks);                   // every block writes its index to *last
 }  // namespace emu_selftest
 }  // namespace nft_fast
