@@ -40,6 +40,14 @@
 #error "csrc/cuda/*.cu: compile with nvcc, or as C++ with -DNFT_CUDA_EMU (the CPU emulator)"
 #endif
 
+// A vector access (float4, a 16-byte Pack) at p needs p aligned to its size: a GPU faults with
+// "misaligned address", the emulator's CPU would not, so the emulator traps. No code on the GPU.
+#if defined(NFT_CUDA_EMU)
+#define NFT_CHECK_ALIGNED(p, bytes) ::nft_emu::detail::check_aligned((const void*)(p), (bytes), __FILE__, __LINE__)
+#else
+#define NFT_CHECK_ALIGNED(p, bytes) ((void)0)
+#endif
+
 // Throws std::runtime_error("<what>: <CUDA error string>") when the last launch failed.
 #define NFT_CHECK_LAUNCH(what)                                                                 \
   do {                                                                                         \

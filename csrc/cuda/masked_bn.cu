@@ -35,6 +35,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* __restrict__ p, float (&out)[VEC]) {
+  NFT_CHECK_ALIGNED(p, sizeof(Pack<T, VEC>));
   const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) out[j] = to_f(pk.v[j]);
@@ -44,6 +45,7 @@ __device__ __forceinline__ void store(T* __restrict__ p, const float (&in)[VEC])
   Pack<T, VEC> pk;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) pk.v[j] = from_f<T>(in[j]);
+  NFT_CHECK_ALIGNED(p, sizeof(Pack<T, VEC>));
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 

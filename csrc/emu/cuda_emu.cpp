@@ -29,6 +29,23 @@
 #include <string>
 #include <vector>
 
+// AddressSanitizer builds (tests/ops/test_cuda_asan.py): every fiber switch is announced, so ASan
+// knows which stack is current (else it reports false stack overflows and cannot unwind throws).
+#if defined(__SANITIZE_ADDRESS__)
+#define NFT_EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define NFT_EMU_ASAN 1
+#endif
+#endif
+#ifndef NFT_EMU_ASAN
+#define NFT_EMU_ASAN 0
+#endif
+#if NFT_EMU_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 // Bounds of the section holding every __shared__ variable (cuda_emu.h); weak: a module
 // without any has no such section.
 extern "C" {
@@ -123,6 +140,10 @@ struct Fiber {
   alignas(16) unsigned char wval[16];
   alignas(16) unsigned char wres[16];
   std::exception_ptr error;
+  // its stack (for ASan's fiber annotations)
+  const void* stack_lo = nullptr;
+  std::size_t stack_size = 0;
+  void* asan_fake = nullptr;
 };
 
 struct Warp {
@@ -150,6 +171,8 @@ struct Runtime {
   ucontext_t* ucs = nullptr;
   void* sched_sp = nullptr;
   ucontext_t sched_uc;
+  const void* sched_lo = nullptr;  // the scheduler's stack, as ASan reports it to a fiber
+  std::size_t sched_size = 0;
   unsigned mxcsr = 0x1f80, fpucw = 0x037f;
   // the launch in progress
   const char* name = "";
@@ -176,9 +199,16 @@ Runtime& rt() {
 thread_local int t_last_error = 0;
 thread_local bool t_in_launch = false;
 
-void fiber_main();
-extern "C" void nft_emu_fiber_entry(void*) { fiber_main(); }
-void uc_entry() { fiber_main(); }
+#if NFT_EMU_ASAN
+// Not instrumented: ASan would call __asan_handle_no_return before the (never returning)
+// fiber_main, i.e. before fiber_main has told it that this fiber's stack is now current.
+#define NFT_EMU_FIBER_ENTRY __attribute__((no_sanitize_address))
+#else
+#define NFT_EMU_FIBER_ENTRY
+#endif
+__attribute__((noinline)) void fiber_main();
+extern "C" NFT_EMU_FIBER_ENTRY void nft_emu_fiber_entry(void*) { fiber_main(); }
+NFT_EMU_FIBER_ENTRY void uc_entry() { fiber_main(); }
 
 void setup(Runtime& r) {
   if (r.ready) return;
@@ -217,6 +247,8 @@ void init_context(Runtime& r, int i) {
   // Stagger the stack tops (64-byte steps over 4 KiB) so the fibers' hot frames do not all map
   // to the same L1 cache sets.
   char* top = lo + kStackBytes - (std::size_t)(i % 64) * 64;
+  f.stack_lo = lo;
+  f.stack_size = (std::size_t)(top - lo);
   if (r.use_ucontext) {
     getcontext(f.uc);
     f.uc->uc_stack.ss_sp = lo;
@@ -243,28 +275,43 @@ void init_context(Runtime& r, int i) {
 inline void switch_to_fiber(Runtime& r, Fiber& f) {
   r.cur = &f;
   threadIdx = f.tid;
-#if NFT_EMU_ASM_SWITCH
-  if (!r.use_ucontext) {
-    nft_emu_switch(&r.sched_sp, f.sp);
-    return;
-  }
+#if NFT_EMU_ASAN
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, f.stack_lo, f.stack_size);
 #endif
-  swapcontext(&r.sched_uc, f.uc);
+#if NFT_EMU_ASM_SWITCH
+  if (!r.use_ucontext)
+    nft_emu_switch(&r.sched_sp, f.sp);
+  else
+#endif
+    swapcontext(&r.sched_uc, f.uc);
+#if NFT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
 }
 
 inline void switch_to_scheduler(Runtime& r, Fiber& f) {
-#if NFT_EMU_ASM_SWITCH
-  if (!r.use_ucontext) {
-    nft_emu_switch(&f.sp, r.sched_sp);
-    return;
-  }
+#if NFT_EMU_ASAN
+  // an exited fiber's stack is done with: no fake stack to keep
+  __sanitizer_start_switch_fiber(f.state == kExited ? nullptr : &f.asan_fake, r.sched_lo, r.sched_size);
 #endif
-  swapcontext(f.uc, &r.sched_uc);
+#if NFT_EMU_ASM_SWITCH
+  if (!r.use_ucontext)
+    nft_emu_switch(&f.sp, r.sched_sp);
+  else
+#endif
+    swapcontext(f.uc, &r.sched_uc);
+#if NFT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.asan_fake, &r.sched_lo, &r.sched_size);
+#endif
 }
 
 void fiber_main() {
   Runtime& r = rt();
   Fiber* f = r.cur;
+#if NFT_EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &r.sched_lo, &r.sched_size);
+#endif
   try {
     r.body(r.ctx);
   } catch (...) {
@@ -582,6 +629,24 @@ struct InLaunch {
   }
 };
 
+void run_blocks(Runtime& r, dim3 grid, unsigned long long nb) {
+  auto run_linear = [&](unsigned long long b) {
+    blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
+    run_block(r);
+  };
+  if (r.schedule == kRandom) {
+    if (nb > (1ull << 26)) throw std::runtime_error("CUDA emulator: the random schedule takes at most 2^26 blocks");
+    std::vector<unsigned long long> blocks(nb);
+    for (unsigned long long b = 0; b < nb; ++b) blocks[b] = b;
+    for (unsigned long long i = nb - 1; i > 0; --i) std::swap(blocks[i], blocks[splitmix(r.rng) % (i + 1)]);
+    for (unsigned long long b : blocks) run_linear(b);
+  } else if (r.schedule == kReverse) {
+    for (unsigned long long b = nb; b-- > 0;) run_linear(b);
+  } else {
+    for (unsigned long long b = 0; b < nb; ++b) run_linear(b);
+  }
+}
+
 }  // namespace
 
 int block_barrier(int kind, int pred, const char* file, int line) {
@@ -651,22 +716,17 @@ void run_kernel(const char* name, dim3 grid, dim3 block, void (*body)(void*), vo
   std::uint64_t s0 = r.seed * 0x100000001b3ull ^ ++r.since_schedule;
   r.rng = splitmix(s0);
   const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
-  auto run_linear = [&](unsigned long long b) {
-    blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
-    run_block(r);
-  };
-  if (r.schedule == kRandom) {
-    if (nb > (1ull << 26)) throw std::runtime_error("CUDA emulator: the random schedule takes at most 2^26 blocks");
-    std::vector<unsigned long long> blocks(nb);
-    for (unsigned long long b = 0; b < nb; ++b) blocks[b] = b;
-    for (unsigned long long i = nb - 1; i > 0; --i) std::swap(blocks[i], blocks[splitmix(r.rng) % (i + 1)]);
-    for (unsigned long long b : blocks) run_linear(b);
-  } else if (r.schedule == kReverse) {
-    for (unsigned long long b = nb; b-- > 0;) run_linear(b);
-  } else {
-    for (unsigned long long b = 0; b < nb; ++b) run_linear(b);
+  try {
+    run_blocks(r, grid, nb);
+  } catch (...) {
+#if NFT_EMU_ASAN
+    // the failed launch abandoned frames, with their redzones, on the fiber stacks
+    __asan_unpoison_memory_region(r.stacks, r.slot * kMaxThreads);
+#endif
+    throw;
   }
 }
+
 
 void set_schedule(const char* kind, unsigned long long seed) {
   const std::string k = kind ? kind : "";

@@ -46,6 +46,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -264,6 +265,19 @@ inline int __reduce_max_sync(unsigned mask, int v) { return ::nft_emu::detail::r
 inline unsigned __reduce_and_sync(unsigned mask, unsigned v) { return ::nft_emu::detail::reduce(::nft_emu::detail::kRedAnd, mask, v); }
 inline unsigned __reduce_or_sync(unsigned mask, unsigned v) { return ::nft_emu::detail::reduce(::nft_emu::detail::kRedOr, mask, v); }
 inline unsigned __reduce_xor_sync(unsigned mask, unsigned v) { return ::nft_emu::detail::reduce(::nft_emu::detail::kRedXor, mask, v); }
+
+// ------------------------------------------------------------------------- alignment
+namespace nft_emu {
+namespace detail {
+// NFT_CHECK_ALIGNED (compat.h): what a GPU's vector load/store would fault on.
+inline void check_aligned(const void* p, std::size_t bytes, const char* file, int line) {
+  if (reinterpret_cast<std::uintptr_t>(p) % bytes == 0) return;
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "misaligned address: a %zu-byte vector access at %p (%s:%d)", bytes, p, file, line);
+  trap(msg);
+}
+}  // namespace detail
+}  // namespace nft_emu
 
 // ----------------------------------------------------------------------- bit reinterprets
 namespace nft_emu {

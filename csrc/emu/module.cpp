@@ -79,6 +79,10 @@ PYBIND11_MODULE(_cuda_emu, m) {
     st::racy_neighbour(ptr<const float>(x), ptr<float>(out), blocks, threads);
   });
   t.def("uninit_shared", [](std::uintptr_t out, int blocks, int threads) { st::uninit_shared(ptr<float>(out), blocks, threads); });
+  t.def("oob_read", [](std::uintptr_t x, int n, std::uintptr_t out) { st::oob_read(ptr<const float>(x), n, ptr<float>(out)); });
+  t.def("vec_load", [](std::uintptr_t x, int off, std::uintptr_t out, int threads) {
+    st::vec_load(ptr<const float>(x), off, ptr<float>(out), threads);
+  });
   t.def("last_block", [](std::uintptr_t last, int blocks) { st::last_block(ptr<int>(last), blocks); });
   t.def("trap_kernel", [](int threads) { st::trap_kernel(threads); });
 }

@@ -205,6 +205,20 @@ __global__ void uninit_shared_kernel(float* __restrict__ out) {
   out[blockIdx.x * blockDim.x + t] = s[t | 1];  // odd slots: never written
 }
 
+// Reads one element past the end of x (thread 0): an AddressSanitizer build of the emulator
+// must report it (tests/ops/test_cuda_asan.py).
+__global__ void oob_read_kernel(const float* __restrict__ x, int n, float* __restrict__ out) {
+  if (threadIdx.x == 0) out[0] = x[n];
+}
+
+// out[t] = x[off + 4t .. off + 4t + 3] summed, through float4 loads: needs x + off 16-byte aligned.
+__global__ void vec_load_kernel(const float* __restrict__ x, int off, float* __restrict__ out) {
+  const float* p = x + off + 4 * threadIdx.x;
+  NFT_CHECK_ALIGNED(p, sizeof(float4));
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
 // Cross-block race on global memory: every block writes its id to *last.
 __global__ void last_block_kernel(int* __restrict__ last) {
   if (threadIdx.x == 0) *last = (int)blockIdx.x;
@@ -303,6 +317,16 @@ void racy_neighbour(const float* x, float* out, int blocks, int threads) {
 void uninit_shared(float* out, int blocks, int threads) {
   NFT_LAUNCH(uninit_shared_kernel, blocks, threads, 0, out);
   NFT_CHECK_LAUNCH("uninit_shared");
+}
+
+void oob_read(const float* x, int n, float* out) {
+  NFT_LAUNCH(oob_read_kernel, 1, 32, 0, x, n, out);
+  NFT_CHECK_LAUNCH("oob_read");
+}
+
+void vec_load(const float* x, int off, float* out, int threads) {
+  NFT_LAUNCH(vec_load_kernel, 1, threads, 0, x, off, out);
+  NFT_CHECK_LAUNCH("vec_load");
 }
 
 void last_block(int* last, int blocks) {

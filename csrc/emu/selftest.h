@@ -39,6 +39,8 @@ void trap_kernel(int threads);                 // __trap() in thread 5
 // Deliberately racy or undefined kernels: results that depend on the schedule / show the poison.
 void racy_neighbour(const float* x, float* out, int blocks, int threads);  // s[t] = x; out = s[t+1], no barrier
 void uninit_shared(float* out, int blocks, int threads);  // out[t] = s[t | 1], odd slots never written
-void last_block(int* last, int blocks);                   // every block writes its index to *last
+void last_block(int* last, int blocks);
+void oob_read(const float* x, int n, float* out);
+void vec_load(const float* x, int off, float* out, int threads);  // float4 loads at x + off: off % 4 == 0  // out[0] = x[n]: one past the end                   // every block writes its index to *last
 }  // namespace emu_selftest
 }  // namespace nft_fast

@@ -128,6 +128,17 @@ def test_cross_block_race_is_seen_and_schedule_is_reproducible():
     assert len(set(r5 + r6)) > 1, "random block orders"
 
 
+def test_misaligned_vector_access_traps():
+    """A GPU faults on a float4 load that is not 16-byte aligned; the emulator's CPU would not, so
+    NFT_CHECK_ALIGNED (the masked-BN kernels' vector loads and stores use it) traps."""
+    x = torch.arange(4 * 32 + 4, dtype=torch.float32)
+    out = torch.zeros(32)
+    emu.selftest.vec_load(p(x), 4, p(out), 32)
+    assert torch.equal(out, x[4:].view(32, 4).sum(1))
+    with pytest.raises(RuntimeError, match="misaligned address: a 16-byte vector access"):
+        emu.selftest.vec_load(p(x), 1, p(out), 32)
+
+
 def test_bad_schedule_name_raises():
     with pytest.raises(ValueError, match="expected forward, reverse or random"):
         emu.set_schedule("backwards")

@@ -225,6 +225,34 @@ def test_fallback_for_non_dense_view(impl):
         assert torch.equal(a, r)
 
 
+def _misaligned(t):
+    """``t``'s values and strides in storage that starts one element past a 16-byte boundary."""
+    base = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
+    out = base[1:].as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_misaligned_tensors_take_the_scalar_path(impl, dtype, fmt):
+    """Channels (and planes) a multiple of the vector width, but x, residual and gradient not
+    16-byte aligned: vector loads would fault on a GPU (the emulator traps), so the kernels must
+    see the pointers and take the scalar path."""
+    x, w, b, m, res, dy = _inputs((4, 16, 4, 8), fmt, seed=2, dtype=dtype, device=impl.device)
+    outs = []
+    for fn, xin, rin, din in ((masked_batch_norm_torch, x, res, dy),
+                              (impl.fn, _misaligned(x), _misaligned(res), _misaligned(dy))):
+        assert fn is masked_batch_norm_torch or xin.data_ptr() % 16 != 0
+        xl, ml, rl = xin.detach().requires_grad_(), m.clone().requires_grad_(), rin.detach().requires_grad_()
+        y = fn(xl, None, None, w, b, ml, True, 0.1, 1e-5, rl, True)
+        y.backward(din)
+        outs.append((y.float(), xl.grad.float(), ml.grad, rl.grad.float()))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for a, r in zip(outs[1], outs[0]):
+        torch.testing.assert_close(a, r, **tol)
+
+
 def test_bad_input_errors(impl):
     d = impl.device
     x = torch.randn(4, 3, 2, 2, device=d)

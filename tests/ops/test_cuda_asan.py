@@ -1,0 +1,107 @@
+"""The CUDA kernels (csrc/cuda/) under AddressSanitizer, without a GPU.
+
+Builds the emulator module nft_fast._cuda_emu once more with -fsanitize=address (CMake, only that
+target, nvcc off) and reruns the CUDA kernel tests in a subprocess preloaded with libasan, which
+loads that build in place of the installed one (tests/conftest.py, NFT_TEST_CUDA_EMU_SO). Every
+tensor torch allocates on the CPU then has ASan redzones, so a kernel that reads or writes past
+a tensor's end (or into freed memory, or its own stack frame's neighbours) fails the run: on a
+GPU the same access is an illegal-address fault or silently wrong data. A deliberate read one
+past the end is checked to be reported, so the check is live.
+
+Not seen: accesses that stay inside some allocation (a wrong index into the right tensor: the
+value tests catch those), and anything the emulator does not model (tests/ops/test_cuda_emu.py).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CXX = shutil.which("c++") or shutil.which("g++")
+
+
+def _lib(name):
+    if not CXX:
+        return None
+    out = subprocess.run([CXX, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return out if os.path.isabs(out) and os.path.exists(out) else None
+
+
+# libstdc++ preloaded too: Python does not link it, and ASan's __cxa_throw interceptor needs the
+# real one loaded when ASan starts (else the first C++ exception aborts the process).
+LIBASAN, LIBSTDCXX = _lib("libasan.so"), _lib("libstdc++.so.6")
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("NFT_FAST_NO_CUDA_EMU", "0") not in ("", "0"), reason="emulator disabled"),
+    pytest.mark.skipif(not (LIBASAN and LIBSTDCXX and shutil.which("cmake")),
+                       reason="needs a C++ compiler with libasan, and cmake"),
+    pytest.mark.skipif(bool(os.environ.get("NFT_TEST_CUDA_EMU_SO")), reason="already inside the ASan run"),
+]
+
+
+@pytest.fixture(scope="module")
+def asan_emu(tmp_path_factory):
+    """Path of an AddressSanitizer build of the nft_fast._cuda_emu module."""
+    pybind11 = pytest.importorskip("pybind11")
+    tmp = tmp_path_factory.mktemp("asan")
+    out, build = tmp / "out", tmp / "build"
+    args = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DNFT_FAST_OUTPUT_DIR={out}",
+            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DNFT_FAST_NO_CUDA=ON",
+            "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer",
+            "-DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=address"]
+    if shutil.which("ninja"):
+        args += ["-G", "Ninja"]
+    for cmd in (args, ["cmake", "--build", str(build), "--target", "_cuda_emu", "--parallel", str(os.cpu_count() or 2)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    so = sorted(out.glob("_cuda_emu*.so"))
+    assert so, f"no module in {out}"
+    return so[0]
+
+
+def _run(so, argv, timeout, log_dir):
+    """``argv`` in a Python preloaded with ASan on the module ``so``; ASan's reports, which pytest's
+    output capture would swallow when ASan kills the process, go to files in ``log_dir``."""
+    env = dict(os.environ, LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}", NFT_TEST_CUDA_EMU_SO=str(so), NFT_FAST_CUDA_EMU="1",
+               # torch and Python leak by design at exit; the fibers switch stacks (annotated)
+               ASAN_OPTIONS=f"detect_leaks=0:detect_stack_use_after_return=0:log_path={log_dir}/asan")
+    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # (a warning alone, e.g. on the ucontext fallback test's swapcontext, is no report)
+    reports = [f.read_text(errors="replace") for f in sorted(Path(log_dir).glob("asan*"))]
+    return r, "".join(t for t in reports if "ERROR: AddressSanitizer" in t or "CHECK failed" in t)
+
+
+OOB = """
+import importlib.util, os, torch, nft_fast
+spec = importlib.util.spec_from_file_location("nft_fast._cuda_emu", os.environ["NFT_TEST_CUDA_EMU_SO"])
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+x, out = torch.arange(64, dtype=torch.float32), torch.zeros(1)
+m.selftest.oob_read(x.data_ptr(), 63, out.data_ptr())
+print("in bounds:", float(out), flush=True)
+m.selftest.oob_read(x.data_ptr(), 64, out.data_ptr())
+print("not reported", flush=True)
+"""
+
+
+def test_asan_reports_a_kernel_reading_past_a_tensor(asan_emu, tmp_path):
+    r, reports = _run(asan_emu, ["-c", OOB], timeout=300, log_dir=tmp_path)
+    assert "in bounds: 63.0" in r.stdout, r.stdout + r.stderr[-3000:] + reports[-3000:]
+    assert r.returncode != 0 and "not reported" not in r.stdout
+    assert "heap-buffer-overflow" in reports and "oob_read_kernel" in reports, reports[-3000:]
+
+
+def test_cuda_kernel_tests_pass_under_asan(asan_emu, tmp_path):
+    """Every CUDA kernel test that runs on the emulator (kernels, schedules, self-tests), under ASan."""
+    files = ["tests/ops/test_cuda_emu.py", "tests/ops/test_cuda_schedules.py", "tests/ops/test_mixup_cuda.py",
+             "tests/ops/test_masked_bn_cpp.py", "tests/ops/test_mask_update.py"]
+    r, reports = _run(asan_emu, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+                                 "-k", "(cuda or emu or schedule) and not compile"], timeout=1500, log_dir=tmp_path)
+    # the report's first lines name the access, the kernel and the tensor's allocation
+    assert not reports, "AddressSanitizer:\n" + "\n".join(ln for ln in reports.splitlines()[:60]
+                                                             if not ln.startswith("  0x"))
+    tail = r.stdout[-4000:] + "\n" + r.stderr[-4000:]
+    assert r.returncode == 0, tail
+    assert " passed" in r.stdout and " failed" not in r.stdout, tail
