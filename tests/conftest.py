@@ -15,17 +15,19 @@ os.environ.setdefault("NFT_FAST_CUDA_EMU", "1")
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/nets.py
 
-# tests/ops/test_cuda_asan.py reruns the CUDA kernel tests in a process preloaded with ASan, on
-# an AddressSanitizer build of the emulator module: load that file as nft_fast._cuda_emu.
-if os.environ.get("NFT_TEST_CUDA_EMU_SO"):
-    import importlib.util
+# tests/ops/test_asan.py reruns the kernel tests in a process preloaded with ASan, on
+# AddressSanitizer builds of the extension modules: load those files in place of the installed ones.
+for _name, _var in (("_C", "NFT_TEST_C_SO"), ("_cuda_emu", "NFT_TEST_CUDA_EMU_SO")):
+    if os.environ.get(_var):
+        import importlib.util
 
-    import nft_fast
+        import nft_fast
 
-    _spec = importlib.util.spec_from_file_location("nft_fast._cuda_emu", os.environ["NFT_TEST_CUDA_EMU_SO"])
-    _mod = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_mod)
-    sys.modules["nft_fast._cuda_emu"] = nft_fast._cuda_emu = _mod
+        _spec = importlib.util.spec_from_file_location(f"nft_fast.{_name}", os.environ[_var])
+        _mod = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(_mod)
+        sys.modules[f"nft_fast.{_name}"] = _mod
+        setattr(nft_fast, _name, _mod)
 
 
 def pytest_collection_modifyitems(config, items):

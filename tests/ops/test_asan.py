@@ -1,12 +1,14 @@
-"""The CUDA kernels (csrc/cuda/) under AddressSanitizer, without a GPU.
+"""The C++ kernels (csrc/cpu/) and the CUDA kernels (csrc/cuda/, on the emulator) under
+AddressSanitizer.
 
-Builds the emulator module nft_fast._cuda_emu once more with -fsanitize=address (CMake, only that
-target, nvcc off) and reruns the CUDA kernel tests in a subprocess preloaded with libasan, which
-loads that build in place of the installed one (tests/conftest.py, NFT_TEST_CUDA_EMU_SO). Every
-tensor torch allocates on the CPU then has ASan redzones, so a kernel that reads or writes past
-a tensor's end (or into freed memory, or its own stack frame's neighbours) fails the run: on a
-GPU the same access is an illegal-address fault or silently wrong data. A deliberate read one
-past the end is checked to be reported, so the check is live.
+Builds nft_fast._C (C++ only, nvcc off) and the emulator module nft_fast._cuda_emu once more with
+-fsanitize=address, and reruns their kernel tests in a subprocess preloaded with libasan, which
+loads those builds in place of the installed ones (tests/conftest.py: NFT_TEST_C_SO,
+NFT_TEST_CUDA_EMU_SO). Every tensor torch allocates on the CPU then has ASan redzones, so a kernel
+that reads or writes past a tensor's end (or into freed memory, or its own stack frame's
+neighbours) fails the run: on a GPU the same access is an illegal-address fault or silently wrong
+data, on the CPU heap corruption. A deliberate read one past the end is checked to be reported,
+so the check is live.
 
 Not seen: accesses that stay inside some allocation (a wrong index into the right tensor: the
 value tests catch those), and anything the emulator does not model (tests/ops/test_cuda_emu.py).
@@ -42,8 +44,8 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def asan_emu(tmp_path_factory):
-    """Path of an AddressSanitizer build of the nft_fast._cuda_emu module."""
+def asan_mods(tmp_path_factory):
+    """Paths of AddressSanitizer builds of nft_fast._C (C++ kernels only) and nft_fast._cuda_emu."""
     pybind11 = pytest.importorskip("pybind11")
     tmp = tmp_path_factory.mktemp("asan")
     out, build = tmp / "out", tmp / "build"
@@ -54,18 +56,19 @@ def asan_emu(tmp_path_factory):
             "-DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=address"]
     if shutil.which("ninja"):
         args += ["-G", "Ninja"]
-    for cmd in (args, ["cmake", "--build", str(build), "--target", "_cuda_emu", "--parallel", str(os.cpu_count() or 2)]):
+    for cmd in (args, ["cmake", "--build", str(build), "--target", "_C", "_cuda_emu", "--parallel", str(os.cpu_count() or 2)]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    so = sorted(out.glob("_cuda_emu*.so"))
-    assert so, f"no module in {out}"
-    return so[0]
+    mods = {name: sorted(out.glob(f"{name}.*.so")) for name in ("_C", "_cuda_emu")}
+    assert all(mods.values()), f"modules missing in {out}: {mods}"
+    return {name: so[0] for name, so in mods.items()}
 
 
-def _run(so, argv, timeout, log_dir):
-    """``argv`` in a Python preloaded with ASan on the module ``so``; ASan's reports, which pytest's
-    output capture would swallow when ASan kills the process, go to files in ``log_dir``."""
-    env = dict(os.environ, LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}", NFT_TEST_CUDA_EMU_SO=str(so), NFT_FAST_CUDA_EMU="1",
+def _run(mods, argv, timeout, log_dir):
+    """``argv`` in a Python preloaded with ASan on the modules ``mods``; ASan's reports, which
+    pytest's output capture would swallow when ASan kills the process, go to files in ``log_dir``."""
+    env = dict(os.environ, LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}", NFT_TEST_C_SO=str(mods["_C"]),
+               NFT_TEST_CUDA_EMU_SO=str(mods["_cuda_emu"]), NFT_FAST_CUDA_EMU="1",
                # torch and Python leak by design at exit; the fibers switch stacks (annotated)
                ASAN_OPTIONS=f"detect_leaks=0:detect_stack_use_after_return=0:log_path={log_dir}/asan")
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -86,19 +89,20 @@ print("not reported", flush=True)
 """
 
 
-def test_asan_reports_a_kernel_reading_past_a_tensor(asan_emu, tmp_path):
-    r, reports = _run(asan_emu, ["-c", OOB], timeout=300, log_dir=tmp_path)
+def test_asan_reports_a_kernel_reading_past_a_tensor(asan_mods, tmp_path):
+    r, reports = _run(asan_mods, ["-c", OOB], timeout=300, log_dir=tmp_path)
     assert "in bounds: 63.0" in r.stdout, r.stdout + r.stderr[-3000:] + reports[-3000:]
     assert r.returncode != 0 and "not reported" not in r.stdout
     assert "heap-buffer-overflow" in reports and "oob_read_kernel" in reports, reports[-3000:]
 
 
-def test_cuda_kernel_tests_pass_under_asan(asan_emu, tmp_path):
-    """Every CUDA kernel test that runs on the emulator (kernels, schedules, self-tests), under ASan."""
+def test_kernel_tests_pass_under_asan(asan_mods, tmp_path):
+    """The C++ and CUDA kernel tests (kernels, schedules, emulator self-tests) under ASan; not the
+    torch.compile ones (inductor's own generated code is not ours, and slow under ASan)."""
     files = ["tests/ops/test_cuda_emu.py", "tests/ops/test_cuda_schedules.py", "tests/ops/test_mixup_cuda.py",
-             "tests/ops/test_masked_bn_cpp.py", "tests/ops/test_mask_update.py"]
-    r, reports = _run(asan_emu, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
-                                 "-k", "(cuda or emu or schedule) and not compile"], timeout=1500, log_dir=tmp_path)
+             "tests/ops/test_masked_bn_cpp.py", "tests/ops/test_mixup_cpp.py", "tests/ops/test_mask_update.py"]
+    r, reports = _run(asan_mods, ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files,
+                                  "-k", "not compile"], timeout=1500, log_dir=tmp_path)
     # the report's first lines name the access, the kernel and the tensor's allocation
     assert not reports, "AddressSanitizer:\n" + "\n".join(ln for ln in reports.splitlines()[:60]
                                                              if not ln.startswith("  0x"))
