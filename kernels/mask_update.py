@@ -36,7 +36,9 @@ def _mask_update_kernel(
         g = g + reg_scale * sgn
     b = b * momentum + g
     m = m - lr * b
-    m = tl.minimum(tl.maximum(m, fl), 1.0)
+    # clamp to [floor, 1] keeping NaN, as torch.maximum / clamp_ (tl.maximum may drop it)
+    m = tl.where(m < fl, fl, m)
+    m = tl.where(m > 1.0, 1.0, m)
     tl.store(buf_ptr + offs, b.to(buf_ptr.dtype.element_ty), mask=ok)
     tl.store(mask_ptr + offs, m.to(mask_ptr.dtype.element_ty), mask=ok)
 

@@ -19,7 +19,10 @@ __global__ void mask_update_f32_kernel(float* __restrict__ m, const float* __res
     const float s = (mi > 1.0f) ? 1.0f : ((mi < 1.0f) ? -1.0f : 0.0f);
     const float b = __fadd_rn(__fmul_rn(momentum, buf[i]), fmaf(reg_scale, s, g[i]));
     buf[i] = b;
-    m[i] = fminf(fmaxf(fmaf(-lr, b, mi), floor[i]), 1.0f);
+    // clamp to [floor, 1] keeping NaN, as torch.maximum / clamp_ (fmaxf/fminf would drop it)
+    const float u = fmaf(-lr, b, mi), fl = floor[i];
+    const float v = u < fl ? fl : u;
+    m[i] = v > 1.0f ? 1.0f : v;
   }
 }
 

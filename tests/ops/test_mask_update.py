@@ -54,6 +54,25 @@ def test_backend_bit_equal_to_torch(backend, n, lr, mom, reg):
     assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3]), "grad/floor must not be written"
 
 
+@pytest.mark.parametrize("backend", BACKENDS + (["triton"] if ops.backend_available("triton") else []))
+def test_nan_propagates_like_torch(backend):
+    """A NaN mask, gradient or momentum entry stays NaN as in torch (maximum/clamp keep NaN), never
+    silently clamped to the floor or 1: the Purifier's non-finite check must see it."""
+    n = 40
+    a = list(inputs(n, seed=5))
+    a[0][3] = float("nan")
+    a[1][9] = float("nan")
+    a[2][17] = float("nan")
+    a[1][20], a[1][21] = float("inf"), -float("inf")
+    b = [t.clone() for t in a]
+    mask_update_torch(*a, 0.05, 0.9, 1e-3)
+    with nft_fast.use_backend(backend):
+        ops.mask_update_(*b, 0.05, 0.9, 1e-3)
+    assert torch.isnan(a[0]).tolist() == torch.isnan(b[0]).tolist() and torch.isnan(a[0][[3, 9, 17]]).all()
+    torch.testing.assert_close(b[0], a[0], rtol=1e-6, atol=1e-7, equal_nan=True)
+    torch.testing.assert_close(b[2], a[2], rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
 @pytest.mark.skipif(not ops.backend_available("cuda"), reason="no CUDA device and no emulator")
 @pytest.mark.parametrize("n", [7, 100_003])
 def test_cuda_reads_a_tensor_lr_on_the_device(n):
