@@ -30,21 +30,23 @@ class UsageError(ValueError):
 
 def _add_cfg_args(p: argparse.ArgumentParser) -> None:
     d = NFTConfig()
-    g = p.add_argument_group("NFT hyper-parameters (defaults: the reference settings)")
+    g = p.add_argument_group("NFT hyper-parameters (defaults: the preset's; the reference preset is the paper's "
+                             "settings)")
     g.add_argument("--preset", choices=tuple(PRESETS), default="reference",
                    help="reference: the paper's NFT; strong: + trigger unlearning (docs/purification.md)")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--rounds", type=int, default=d.rounds)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
+    # None = the preset's value: a default here would silently replace it (strong: 400 steps, 2 rounds)
+    g.add_argument("--steps", type=int, default=None, help=f"mask-learning steps (reference: {d.steps})")
+    g.add_argument("--rounds", type=int, default=None, help=f"learning-rate restarts (reference: {d.rounds})")
+    g.add_argument("--batch-size", type=int, default=None, help=f"(reference: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=None, help=f"(reference: {d.lr})")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
     g.add_argument("--backend", choices=("auto", "torch", "cpp", "cuda", "triton"), default="auto")
 
 
 def _cfg_from(args) -> NFTConfig:
-    return NFTConfig.preset(args.preset, steps=args.steps, rounds=args.rounds, batch_size=args.batch_size,
-                            lr=args.lr, seed=args.seed, precision=args.precision)
+    given = {k: getattr(args, k) for k in ("steps", "rounds", "batch_size", "lr") if getattr(args, k) is not None}
+    return NFTConfig.preset(args.preset, seed=args.seed, precision=args.precision, **given)
 
 
 def _check_out_dir(out: Path, inputs: List[Optional[str]]) -> None:
