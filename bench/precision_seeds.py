@@ -62,7 +62,7 @@ def main() -> None:
         raise SystemExit(f"--configs: expected precision:backend pairs, got {args.configs}")
     args.work.mkdir(parents=True, exist_ok=True)
     run_dir = args.run or demo_run_dir()
-    res = {}
+    res, seen = {}, {}
     for seed in args.seeds:
         for prec, backend in configs:
             out = args.work / f"{prec}_{backend}_s{seed}"
@@ -73,12 +73,17 @@ def main() -> None:
                     raise SystemExit(f"{out} exists without a report.json (a failed run?): remove it first")
                 print(f"purify {prec} {backend} seed {seed} ...", flush=True)
                 run_one(run_dir, out, prec, backend, seed, args.preset, args.threads)
-            after = json.loads((out / "report.json").read_text())["after"]
-            res[f"{prec}:{backend}", seed] = (100 * after["acc"], 100 * after["asr"])
+            rep = json.loads((out / "report.json").read_text())
+            res[f"{prec}:{backend}", seed] = (100 * rep["after"]["acc"], 100 * rep["after"]["asr"])
+            shape = {k: rep["config"][k] for k in ("steps", "rounds", "batch_size", "lr")}
+            if seen.setdefault("shape", shape) != shape:
+                raise SystemExit(f"{out}: {shape} differs from the other runs' {seen['shape']} in {args.work}")
 
     names = [f"{p}:{b}" for p, b in configs]
     base = names[0]
-    lines = [f"# Purification quality by step configuration ({args.preset} preset, {date.today():%Y-%m-%d})", "",
+    sh = seen.get("shape", {})
+    lines = [f"# Purification quality by step configuration ({args.preset} preset: {sh.get('steps')} steps, "
+             f"{sh.get('rounds')} rounds, batch {sh.get('batch_size')}, lr {sh.get('lr')}; {date.today():%Y-%m-%d})", "",
              f"Backdoored model: `{run_dir}`. ACC / ASR in %; d = configuration minus `{base}` on the same seed.",
              "", "| seed | " + " | ".join(f"{n} ACC / ASR" for n in names) + " | "
              + " | ".join(f"d {n} ACC / ASR" for n in names[1:]) + " |",
@@ -117,7 +122,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     (out_dir / f"{args.tag}.json").write_text(json.dumps(
-        {"preset": args.preset, "run": str(run_dir), "seeds": args.seeds, "configs": names,
+        {"preset": args.preset, "config": sh, "run": str(run_dir), "seeds": args.seeds, "configs": names,
          "runs": {f"{n}/s{s}": {"acc": v[0], "asr": v[1]} for (n, s), v in res.items()}, "summary": summary},
         indent=1))
     print("\n".join(lines))
