@@ -151,6 +151,16 @@ def test_cuda_graph_refused_where_it_cannot_run():
         p.step(torch.randn(shape), torch.randint(0, k, (shape[0],)))
 
 
+def _assert_runs_match(run0, run1, rtol, atol):
+    """Two runs' ``(flat masks, losses, buffers)`` agree, and the masks moved at all."""
+    (m0, l0, b0), (m1, l1, b1) = run0, run1
+    assert (m0 - 1).abs().max() > 1e-3
+    torch.testing.assert_close(m1, m0, rtol=rtol, atol=atol)
+    torch.testing.assert_close(l1, l0, rtol=rtol, atol=atol)
+    for n in b0:
+        torch.testing.assert_close(b1[n].float(), b0[n].float(), rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + [b.values[0] for b in _FAST])
 def test_captured_step_body_matches_eager_steps(backend, one_thread):
     """The body a CUDA graph captures reads batch, perm, lam and lr from device buffers
@@ -180,12 +190,7 @@ def test_captured_step_body_matches_eager_steps(backend, one_thread):
                 else:
                     losses.append(p.step(x, y, lam, perm)["loss"])
         results.append((p.flat_masks(), torch.tensor(losses), {n: b.clone() for n, b in model.named_buffers()}))
-    (m0, l0, b0), (m1, l1, b1) = results
-    assert (m0 - 1).abs().max() > 1e-3
-    torch.testing.assert_close(m1, m0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
-    for n in b0:
-        torch.testing.assert_close(b1[n].float(), b0[n].float(), rtol=1e-5, atol=1e-6)
+    _assert_runs_match(*results, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -208,9 +213,4 @@ def test_cuda_graph_steps_match_eager_steps(backend):
                 p.lr = 0.1 if i < 6 else 0.05  # the round schedule changes lr between replays
                 losses.append(p.step(x, y)["loss"])
         results.append((p.flat_masks(), torch.tensor(losses), {n: b.clone() for n, b in model.named_buffers()}))
-    (m0, l0, b0), (m1, l1, b1) = results
-    assert (m0 - 1).abs().max() > 1e-3
-    torch.testing.assert_close(m1, m0, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-4, atol=1e-5)
-    for n in b0:
-        torch.testing.assert_close(b1[n].float(), b0[n].float(), rtol=1e-4, atol=1e-5)
+    _assert_runs_match(*results, rtol=1e-4, atol=1e-5)

@@ -153,6 +153,13 @@ struct Warp {
 enum Schedule : int { kForward = 0, kReverse, kRandom };
 const char* const kScheduleNames[] = {"forward", "reverse", "random"};
 
+// Index of a schedule name in kScheduleNames, -1 for another name.
+int schedule_index(const std::string& name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kScheduleNames[i]) return i;
+  return -1;
+}
+
 // splitmix64: seeds and drives the random schedule (reproducible from seed and launch number).
 inline std::uint64_t splitmix(std::uint64_t& s) {
   std::uint64_t z = (s += 0x9e3779b97f4a7c15ull);
@@ -217,10 +224,7 @@ void setup(Runtime& r) {
   if (const char* sch = std::getenv("NFT_FAST_CUDA_EMU_SCHEDULE"); sch && *sch) {
     const std::string v(sch);
     const std::size_t colon = v.find(':');
-    const std::string kind = v.substr(0, colon);
-    int k = -1;
-    for (int i = 0; i < 3; ++i)
-      if (kind == kScheduleNames[i]) k = i;
+    const int k = schedule_index(v.substr(0, colon));
     if (k < 0)
       throw std::invalid_argument("NFT_FAST_CUDA_EMU_SCHEDULE=" + v + ": expected forward, reverse or random[:seed]");
     r.schedule = k;
@@ -730,9 +734,7 @@ void run_kernel(const char* name, dim3 grid, dim3 block, void (*body)(void*), vo
 
 void set_schedule(const char* kind, unsigned long long seed) {
   const std::string k = kind ? kind : "";
-  int v = -1;
-  for (int i = 0; i < 3; ++i)
-    if (k == kScheduleNames[i]) v = i;
+  const int v = schedule_index(k);
   if (v < 0) throw std::invalid_argument("CUDA emulator schedule '" + k + "': expected forward, reverse or random");
   Runtime& r = rt();
   std::lock_guard<std::mutex> lock(r.mu);
