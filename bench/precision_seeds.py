@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("runs/precision_seeds"), help="folder of the purify runs")
     ap.add_argument("--no-run", action="store_true", help="only tabulate runs already in --work")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
+    ap.add_argument("--prior", nargs="+", type=Path, default=[],
+                    help="results JSON of earlier runs of this script (same preset and run shape): runs missing "
+                         "from --work are taken from them; a run in both must give the same ACC / ASR")
     ap.add_argument("--tag", default=f"precision_seeds_{date.today():%Y%m%d}")
     args = ap.parse_args()
 
@@ -62,11 +65,24 @@ def main() -> None:
         raise SystemExit(f"--configs: expected precision:backend pairs, got {args.configs}")
     args.work.mkdir(parents=True, exist_ok=True)
     run_dir = args.run or demo_run_dir()
-    res, seen = {}, {}
+    res, seen, prior, from_prior, rerun = {}, {}, {}, set(), []
+    for f in args.prior:
+        pj = json.loads(f.read_text())
+        if pj["preset"] != args.preset:
+            raise SystemExit(f"--prior {f}: preset {pj['preset']}, not {args.preset}")
+        if seen.setdefault("shape", pj["config"]) != pj["config"]:
+            raise SystemExit(f"--prior {f}: run shape {pj['config']} differs from {seen['shape']}")
+        for key, v in pj["runs"].items():
+            prior[key] = (v["acc"], v["asr"], f)
     for seed in args.seeds:
         for prec, backend in configs:
             out = args.work / f"{prec}_{backend}_s{seed}"
+            key = f"{prec}:{backend}/s{seed}"
             if not (out / "report.json").exists():
+                if key in prior:
+                    res[f"{prec}:{backend}", seed] = prior[key][:2]
+                    from_prior.add((f"{prec}:{backend}", seed))
+                    continue
                 if args.no_run:
                     continue
                 if out.exists():
@@ -75,6 +91,11 @@ def main() -> None:
                 run_one(run_dir, out, prec, backend, seed, args.preset, args.threads)
             rep = json.loads((out / "report.json").read_text())
             res[f"{prec}:{backend}", seed] = (100 * rep["after"]["acc"], 100 * rep["after"]["asr"])
+            if key in prior:
+                now, then = res[f"{prec}:{backend}", seed], prior[key]
+                rerun.append(f"{key}: {now[0]:.2f} / {now[1]:.2f} now, {then[0]:.2f} / {then[1]:.2f} in "
+                             f"`{then[2].name}`" + ("" if max(abs(now[0] - then[0]), abs(now[1] - then[1])) < 1e-6
+                                                    else " (NOT REPRODUCED)"))
             shape = {k: rep["config"][k] for k in ("steps", "rounds", "batch_size", "lr")}
             if seen.setdefault("shape", shape) != shape:
                 raise SystemExit(f"{out}: {shape} differs from the other runs' {seen['shape']} in {args.work}")
@@ -84,7 +105,9 @@ def main() -> None:
     sh = seen.get("shape", {})
     lines = [f"# Purification quality by step configuration ({args.preset} preset: {sh.get('steps')} steps, "
              f"{sh.get('rounds')} rounds, batch {sh.get('batch_size')}, lr {sh.get('lr')}; {date.today():%Y-%m-%d})", "",
-             f"Backdoored model: `{run_dir}`. ACC / ASR in %; d = configuration minus `{base}` on the same seed.",
+             f"Backdoored model: `{run_dir}`. ACC / ASR in %; d = configuration minus `{base}` on the same seed."
+             + (f" Runs marked * are taken from {', '.join(f'`{f.name}`' for f in args.prior)}; the others ran "
+                "now." if from_prior else ""),
              "", "| seed | " + " | ".join(f"{n} ACC / ASR" for n in names) + " | "
              + " | ".join(f"d {n} ACC / ASR" for n in names[1:]) + " |",
              "|---:|" + "---:|" * (2 * len(names) - 1)]
@@ -92,7 +115,7 @@ def main() -> None:
         cells, diffs = [], []
         for n in names:
             v = res.get((n, seed))
-            cells.append(f"{v[0]:.2f} / {v[1]:.2f}" if v else "-")
+            cells.append(f"{v[0]:.2f} / {v[1]:.2f}{'*' if (n, seed) in from_prior else ''}" if v else "-")
             if n != base:
                 b = res.get((base, seed))
                 diffs.append(f"{v[0] - b[0]:+.2f} / {v[1] - b[1]:+.2f}" if v and b else "-")
@@ -118,12 +141,16 @@ def main() -> None:
                  f"d ASR mean {statistics.mean(s['d_asr']):+.2f}, max |d| {s['max_abs_d_asr']:.2f}") if "d_acc" in s else ""
         lines.append(f"- `{n}` ({s['n']} seeds): ACC {s['acc_mean']:.2f} +- {s['acc_sd']:.2f}, "
                      f"ASR {s['asr_mean']:.2f} +- {s['asr_sd']:.2f}{extra}")
+    if rerun:
+        lines += ["", "Runs repeated from --prior (same code, same seed: they should agree exactly):", ""]
+        lines += [f"- {r}" for r in rerun]
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
     (out_dir / f"{args.tag}.json").write_text(json.dumps(
         {"preset": args.preset, "config": sh, "run": str(run_dir), "seeds": args.seeds, "configs": names,
-         "runs": {f"{n}/s{s}": {"acc": v[0], "asr": v[1]} for (n, s), v in res.items()}, "summary": summary},
+         "runs": {f"{n}/s{s}": {"acc": v[0], "asr": v[1], "prior": (n, s) in from_prior} for (n, s), v in res.items()},
+         "repeated": rerun, "summary": summary},
         indent=1))
     print("\n".join(lines))
 

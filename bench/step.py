@@ -357,9 +357,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(step: StepFn, steps: int, warmup: int, device: torch.device, mem_steps: int = 3) -> dict:
-    """Median ms/step over ``steps`` after ``warmup`` steps (the first one timed alone: it holds
-    compilation/autotuning), then peak memory over ``mem_steps`` more steps on CUDA."""
+def _warm(step: StepFn, warmup: int, device: torch.device) -> Tuple[float, int]:
+    """Run the warm-up steps (the first one timed alone: it holds compilation/autotuning);
+    returns its ms and the index of the next step."""
     t0 = time.perf_counter()
     step(0)
     _sync(device)
@@ -367,8 +367,11 @@ def measure(step: StepFn, steps: int, warmup: int, device: torch.device, mem_ste
     for i in range(1, warmup):
         step(i)
     _sync(device)
-    i0 = max(warmup, 1)
-    ts: List[float] = []
+    return first_ms, max(warmup, 1)
+
+
+def _time(step: StepFn, i0: int, steps: int, device: torch.device) -> List[float]:
+    """ms of each of ``steps`` steps from step index ``i0``."""
     if device.type == "cuda":
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for k, (a, b) in enumerate(ev):
@@ -376,24 +379,81 @@ def measure(step: StepFn, steps: int, warmup: int, device: torch.device, mem_ste
             step(i0 + k)
             b.record()
         torch.cuda.synchronize(device)
-        ts = [a.elapsed_time(b) for a, b in ev]
-    else:
-        for k in range(steps):
-            t = time.perf_counter()
-            step(i0 + k)
-            ts.append(1e3 * (time.perf_counter() - t))
-    out = {"median_ms": statistics.median(ts), "min_ms": min(ts), "mean_ms": statistics.fmean(ts),
-           "first_ms": first_ms, "steps": steps, "warmup": warmup, "peak_mb": None}
-    if device.type == "cuda":  # separate pass: the timed loop is not disturbed by the resets
-        _sync(device)
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        for k in range(mem_steps):
-            step(i0 + steps + k)
-        _sync(device)
-        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        return [a.elapsed_time(b) for a, b in ev]
+    ts = []
+    for k in range(steps):
+        t = time.perf_counter()
+        step(i0 + k)
+        ts.append(1e3 * (time.perf_counter() - t))
+    return ts
+
+
+def _peak_mb(step: StepFn, i0: int, mem_steps: int, device: torch.device) -> Optional[float]:
+    """CUDA peak MB over ``mem_steps`` steps, in a pass of its own (the resets would disturb timing)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    for k in range(mem_steps):
+        step(i0 + k)
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _stats(ts: List[float], first_ms: float, warmup: int) -> dict:
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "mean_ms": statistics.fmean(ts),
+            "first_ms": first_ms, "steps": len(ts), "warmup": warmup, "peak_mb": None}
+
+
+def measure(step: StepFn, steps: int, warmup: int, device: torch.device, mem_steps: int = 3) -> dict:
+    """Median ms/step over ``steps`` after ``warmup`` steps, then peak memory over ``mem_steps``
+    more steps on CUDA."""
+    first_ms, i0 = _warm(step, warmup, device)
+    out = _stats(_time(step, i0, steps, device), first_ms, warmup)
+    out["peak_mb"] = _peak_mb(step, i0 + steps, mem_steps, device)
     return out
+
+
+def measure_interleaved(steps_of: Dict[str, StepFn], steps: int, warmup: int, passes: int,
+                        device: torch.device) -> Dict[str, dict]:
+    """Every variant warmed, then ``passes`` round-robin passes each timing ``steps`` steps of every
+    variant (the order rotated by one per pass), so slow drift of a shared machine (other jobs,
+    clocks) falls on all rows alike instead of on whichever ran in the bad minute. A row's median
+    pools all its passes; ``pass_median_ms`` keeps each pass's median. A variant that fails gets
+    its error and leaves the rotation. Peak memory is not measured (every variant stays resident)."""
+    rows: Dict[str, dict] = {}
+    live: Dict[str, Tuple[float, int, List[float], List[float]]] = {}
+    for name, step in steps_of.items():
+        try:
+            first_ms, i0 = _warm(step, warmup, device)
+            live[name] = (first_ms, i0, [], [])
+        except Exception as e:  # noqa: BLE001 - a failing variant is a row with its error
+            rows[name] = _error_row(e)
+    order = list(live)
+    for p in range(passes):
+        k = p % len(order) if order else 0
+        for name in order[k:] + order[:k]:
+            if name in rows:
+                continue
+            first_ms, i0, ts, meds = live[name]
+            try:
+                t = _time(steps_of[name], i0 + p * steps, steps, device)
+            except Exception as e:  # noqa: BLE001
+                rows[name] = _error_row(e)
+                continue
+            ts += t
+            meds.append(statistics.median(t))
+    for name, (first_ms, _, ts, meds) in live.items():
+        if name not in rows:
+            rows[name] = dict(_stats(ts, first_ms, warmup), pass_median_ms=meds)
+    return {name: rows[name] for name in steps_of if name in rows}
+
+
+def _error_row(e: Exception) -> dict:
+    msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return {"error": msg[:500], "traceback": traceback.format_exc()[-3000:]}
 
 
 # --------------------------------------------------------------------------- report
@@ -446,6 +506,12 @@ def add_ratios(rows: Dict[str, dict]) -> None:
         r["ratio_to_floor"] = t / fl if t and fl else None
         p, pe = r.get("peak_mb"), peak("eager_tuned")
         r["peak_ratio_to_eager_tuned"] = p / pe if p and pe else None
+        # interleaved passes: the ratios pass by pass (rows of one pass ran minutes apart at most)
+        fl_name = f"floor {sfx}" if sfx and ms(f"floor {sfx}") else "floor"
+        for key, other in (("speedup_vs_reference_by_pass", "reference"), ("ratio_to_floor_by_pass", fl_name)):
+            a, b = r.get("pass_median_ms"), (rows.get(other) or {}).get("pass_median_ms")
+            if a and b and len(a) == len(b):
+                r[key] = [(y / x) if key.startswith("speedup") else (x / y) for x, y in zip(a, b)]
 
 
 def _f(v, fmt: str, suffix: str = "") -> str:
@@ -456,7 +522,8 @@ def markdown(result: dict) -> str:
     e = result["env"]
     lines = ["# NFT step: side by side", "",
              f"{e['device']}; torch {e['torch']}; triton {e['triton']}; CUDA {e['cuda']}; {e['date']}",
-             f"steps {result['args']['steps']} (median), warm-up {result['args']['warmup']}; "
+             (f"{result['args'].get('passes', 1)} interleaved passes x " if result['args'].get('passes', 1) > 1 else "")
+             + f"steps {result['args']['steps']} (median), warm-up {result['args']['warmup']}; "
              f"dtype {result['args']['dtype']}; shrink {result['args']['shrink']}; cudnn.benchmark {e['cudnn_benchmark']}", "",
              "Ratios: `vs reference` = reference ms / row ms (speed-up); `/ eager`, `/ compile`, `/ floor` = row ms / that "
              "row's ms (lower is better; the floor is the mask-free forward + data gradient). Peak MB: CUDA only.", ""]
@@ -476,6 +543,11 @@ def markdown(result: dict) -> str:
             note = r.get("note", "")
             if name == "compile" or name.startswith("nft_fast[triton"):
                 note = (note + f"; first step {r['first_ms'] / 1e3:.1f} s").lstrip("; ")
+            for key, what, fmt in (("speedup_vs_reference_by_pass", "vs reference", ".2f"),
+                                   ("ratio_to_floor_by_pass", "/ floor", ".3f")):
+                v = r.get(key)
+                if v and name not in ("reference", "floor") and not name.startswith("floor "):
+                    note = (note + f"; {what} by pass {min(v):{fmt}}-{max(v):{fmt}}").lstrip("; ")
             lines.append(
                 f"| {name} | {r['median_ms']:.2f} | {_f(r['speedup_vs_reference'], '.2f', 'x')} | "
                 f"{_f(r['ratio_to_eager_tuned'], '.3f')} | {_f(r['ratio_to_compile'], '.3f')} | "
@@ -490,12 +562,76 @@ def _slug(s: str) -> str:
 
 
 def write(result: dict, stem: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
+    out = Path(result["args"].get("results") or RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{stem}.md").write_text(markdown(result))
 
 
 # --------------------------------------------------------------------------- main
+
+def run_sequential(plan: List[Tuple[str, str, Callable]], result: dict, stem: str, args, device: torch.device,
+                   t_start: float) -> None:
+    """One variant at a time, in plan order, each built, measured and freed before the next."""
+    current = None
+    for wname, name, factory in plan:
+        w = result["workloads"][wname]
+        if wname != current:
+            current = wname
+            print(f"\n== {wname}: {w['shape_text']}", flush=True)
+        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+            w["rows"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
+            write(result, stem)
+            continue
+        step = None
+        try:
+            step, info = factory()
+            row = measure(step, args.steps, args.warmup, device)
+            row.update(info)
+            print(f"   {name:>28}: {row['median_ms']:10.2f} ms/step"
+                  + (f", peak {row['peak_mb']:.0f} MB" if row["peak_mb"] is not None else ""), flush=True)
+        except Exception as e:  # noqa: BLE001 - a failing variant is a row with its error
+            row = _error_row(e)
+            print(f"   {name:>28}: ERROR {row['error'][:300]}", flush=True)
+        finally:
+            step = None
+            if name == "compile":
+                torch._dynamo.reset()
+            _free(device)
+        w["rows"][name] = row
+        add_ratios(w["rows"])
+        write(result, stem)  # after every row: a killed run keeps what it measured
+
+
+def run_interleaved(plan: List[Tuple[str, str, Callable]], result: dict, stem: str, args, device: torch.device) -> None:
+    """Per workload: every variant built and kept, then measure_interleaved."""
+    by_wl: Dict[str, List[Tuple[str, Callable]]] = {}
+    for wname, name, factory in plan:
+        by_wl.setdefault(wname, []).append((name, factory))
+    for wname, entries in by_wl.items():
+        w = result["workloads"][wname]
+        print(f"\n== {wname}: {w['shape_text']} ({args.passes} interleaved passes)", flush=True)
+        steps_of: Dict[str, StepFn] = {}
+        infos: Dict[str, dict] = {}
+        for name, factory in entries:
+            try:
+                steps_of[name], infos[name] = factory()
+            except Exception as e:  # noqa: BLE001
+                w["rows"][name] = _error_row(e)
+        rows = measure_interleaved(steps_of, args.steps, args.warmup, args.passes, device)
+        for name, row in rows.items():
+            row.update(infos.get(name, {}))
+            w["rows"][name] = row
+            print(f"   {name:>28}: " + (f"{row['median_ms']:10.2f} ms/step (pass medians "
+                                        + ", ".join(f"{m:.1f}" for m in row["pass_median_ms"]) + ")"
+                                        if "median_ms" in row else f"ERROR {row['error'][:300]}"), flush=True)
+        steps_of.clear()
+        torch._dynamo.reset()
+        _free(device)
+        add_ratios(w["rows"])
+        write(result, stem)
+
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -515,10 +651,14 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None,
                     help="comma list of row-name prefixes to run (reference, eager_tuned, compile, nft_fast, floor)")
     ap.add_argument("--interpret", action="store_true", help="CPU: also time the triton backend under the interpreter")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="> 1: per workload, warm every variant, then this many round-robin passes of --steps "
+                         "steps each (drift of a shared machine falls on every row alike; no peak memory)")
     ap.add_argument("--compile-last", action="store_true",
                     help="run every workload's compile row after all other rows (for a time-budgeted run)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip the variants left once this many seconds passed")
-    ap.add_argument("--tag", default=None, help="file name stem under bench/results/ (default step_<device>_<date>)")
+    ap.add_argument("--tag", default=None, help="file name stem under --results (default step_<device>_<date>)")
+    ap.add_argument("--results", default=str(RESULTS), help="folder of the JSON + markdown (default bench/results)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -543,7 +683,7 @@ def main(argv=None) -> int:
     stem = args.tag or f"step_{'cpu' if not cuda else _slug(env['device'])}_{datetime.datetime.now():%Y%m%d-%H%M}"
     result = {"env": env, "args": vars(args), "backends": backends, "workloads": {}}
     t_start = time.perf_counter()
-    print(f"{env['device']}; torch {env['torch']}; backends {backends}; -> bench/results/{stem}.{{json,md}}", flush=True)
+    print(f"{env['device']}; torch {env['torch']}; backends {backends}; -> {args.results}/{stem}.{{json,md}}", flush=True)
 
     # Set every workload up first; rows are then run in table order, or with --compile-last every
     # compile row after all the others (compilation is what a time budget cannot afford).
@@ -570,35 +710,10 @@ def main(argv=None) -> int:
         plan.sort(key=lambda e: e[1] == "compile")  # stable: the others keep their order
     write(result, stem)
 
-    current = None
-    for wname, name, factory in plan:
-        w = result["workloads"][wname]
-        if wname != current:
-            current = wname
-            print(f"\n== {wname}: {w['shape_text']}", flush=True)
-        if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-            w["rows"][name] = {"skipped": f"time budget ({args.budget_s:.0f} s) spent"}
-            write(result, stem)
-            continue
-        step = None
-        try:
-            step, info = factory()
-            row = measure(step, args.steps, args.warmup, device)
-            row.update(info)
-            print(f"   {name:>28}: {row['median_ms']:10.2f} ms/step"
-                  + (f", peak {row['peak_mb']:.0f} MB" if row["peak_mb"] is not None else ""), flush=True)
-        except Exception as e:  # noqa: BLE001 - a failing variant is a row with its error
-            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            row = {"error": msg[:500], "traceback": traceback.format_exc()[-3000:]}
-            print(f"   {name:>28}: ERROR {msg[:300]}", flush=True)
-        finally:
-            step = None
-            if name == "compile":
-                torch._dynamo.reset()
-            _free(device)
-        w["rows"][name] = row
-        add_ratios(w["rows"])
-        write(result, stem)  # after every row: a killed run keeps what it measured
+    if args.passes > 1:
+        run_interleaved(plan, result, stem, args, device)
+    else:
+        run_sequential(plan, result, stem, args, device, t_start)
     ctxs.clear()
     _free(device)
     result["seconds"] = time.perf_counter() - t_start
