@@ -11,7 +11,10 @@
 //   NFT_LAUNCH((my_kernel<float, true>), grid, block, stream, ...);
 //   auto k = &my_kernel<float, true>;  NFT_LAUNCH(k, grid, block, stream, ...);
 // (a one-argument template-id, my_kernel<float>, also works without parentheses).
-// No dynamic shared memory (the launch passes 0 bytes): use fixed-size __shared__ arrays.
+// Shared memory: NFT_SHARED(T, name, dims) declares `__shared__ T name dims` (on the emulator an
+// array reference into its poisoned shared arena; a plain __shared__ does not compile there), e.g.
+//   NFT_SHARED(float, sh, [8][32]);   // T must be one token: use an alias for a template type
+// No dynamic shared memory (the launch passes 0 bytes).
 #pragma once
 
 #include <cstdint>
@@ -35,6 +38,7 @@
 
 #define NFT_LAUNCH(kernel, grid, block, stream, ...) \
   kernel<<<(grid), (block), 0, reinterpret_cast<cudaStream_t>(stream)>>>(__VA_ARGS__)
+#define NFT_SHARED(T, name, dims) __shared__ T name dims
 
 #else
 #error "csrc/cuda/*.cu: compile with nvcc, or as C++ with -DNFT_CUDA_EMU (the CPU emulator)"

@@ -158,7 +158,7 @@ constexpr int kThreads = 256;
 template <class Acc, class In, int VEC>
 __global__ void __launch_bounds__(kRowsTx * kRowsTy)
     reduce_rows(In in, const float* __restrict__ mean, int64_t M, int C, int64_t rows_per_chunk, float* out) {
-  __shared__ Acc sh[kRowsTy][kRowsTx * VEC];
+  NFT_SHARED(Acc, sh, [kRowsTy][kRowsTx * VEC]);
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int c0 = (blockIdx.x * kRowsTx + tx) * VEC;
   const int64_t p = blockIdx.y, P = gridDim.y;
@@ -188,7 +188,7 @@ template <class Acc, class In, int VEC>
 __global__ void __launch_bounds__(kThreads)
     reduce_planes(In in, const float* __restrict__ mean, int C, int64_t S, int64_t M, int64_t elems_per_chunk,
                   float* out) {
-  __shared__ Acc sh[kThreads / 32];
+  NFT_SHARED(Acc, sh, [kThreads / 32]);
   const int c = blockIdx.x;
   const int64_t p = blockIdx.y, P = gridDim.y;
   const int64_t e0 = p * elems_per_chunk, e1 = e0 + elems_per_chunk < M ? e0 + elems_per_chunk : M;

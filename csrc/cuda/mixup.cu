@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
 // loss = sum(row_loss) / B, one block, rows in a fixed order (per-thread strided sums, then a tree).
 __global__ void __launch_bounds__(kThreads) mixup_ce_mean(const float* __restrict__ row_loss, int64_t B,
                                                            float* __restrict__ loss) {
-  __shared__ float sh[kThreads];
+  NFT_SHARED(float, sh, [kThreads]);
   float s = 0.f;
   for (int64_t i = threadIdx.x; i < B; i += kThreads) s += row_loss[i];
   sh[threadIdx.x] = s;

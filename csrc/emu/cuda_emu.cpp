@@ -15,6 +15,7 @@
 // NFT_FAST_CUDA_EMU_UCONTEXT=1 forces ucontext on x86-64 too (to test that path).
 #include "cuda_emu.h"
 
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -26,8 +27,14 @@
 #include <mutex>
 #include <new>
 #include <stdexcept>
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
+
+#ifndef NFT_EMU_RACECHECK
+#define NFT_EMU_RACECHECK 0
+#endif
 
 // AddressSanitizer builds (tests/ops/test_cuda_asan.py): every fiber switch is announced, so ASan
 // knows which stack is current (else it reports false stack overflows and cannot unwind throws).
@@ -46,12 +53,6 @@
 #include <sanitizer/common_interface_defs.h>
 #endif
 
-// Bounds of the section holding every __shared__ variable (cuda_emu.h); weak: a module
-// without any has no such section.
-extern "C" {
-extern char __start_nft_emu_shared[] __attribute__((weak, visibility("hidden")));
-extern char __stop_nft_emu_shared[] __attribute__((weak, visibility("hidden")));
-}
 
 uint3 threadIdx = {0, 0, 0};
 uint3 blockIdx = {0, 0, 0};
@@ -119,6 +120,11 @@ namespace detail {
 namespace {
 
 constexpr int kMaxThreads = 1024;
+// Every NFT_SHARED variable of the module, each at its own place (the sum of all kernels' shared
+// memory; a GPU block may use at most 48 KiB of it at once: checked per launch).
+constexpr std::size_t kArenaBytes = std::size_t(4) << 20;
+constexpr std::size_t kBlockSharedMax = 48 * 1024;
+alignas(64) unsigned char g_arena[kArenaBytes];
 constexpr std::size_t kStackBytes = 128 * 1024;
 
 enum State : unsigned char { kRunnable, kWaitBlock, kWaitWarp, kExited };
@@ -129,6 +135,7 @@ struct Fiber {
   State state = kExited;
   int lin = 0;  // linear thread index in the block
   uint3 tid{0, 0, 0};
+  unsigned wep = 0;  // __syncwarp()s passed in this block (racecheck)
   // block barrier
   int bkind = 0, bpred = 0, bres = 0;
   const char* file = nullptr;
@@ -196,6 +203,16 @@ struct Runtime {
   std::uint64_t rng = 0;                 // per launch: from seed and launch number
   unsigned long long since_schedule = 0;  // launches since set_schedule: the same calls replay
   int order[kMaxThreads];
+  // racecheck (NFT_EMU_RACECHECK builds): on for later launches; the block in progress
+  bool racecheck = false;
+  unsigned block_epoch = 0;        // __syncthreads completed in the block in progress
+  std::uint32_t block_seq = 0;     // blocks run so far, all launches (names the block's accesses)
+  std::uint32_t launch_first = 0;  // block_seq of the launch's first block
+  std::vector<unsigned long long> block_lin;  // linear block index of each block of the launch, in run order
+  // shared memory
+  std::size_t arena_used = 0;
+  std::vector<SharedSlot*> launch_slots;  // the variables the launch has used so far
+  std::size_t launch_shared = 0;           // their bytes
 };
 
 Runtime& rt() {
@@ -229,6 +246,12 @@ void setup(Runtime& r) {
       throw std::invalid_argument("NFT_FAST_CUDA_EMU_SCHEDULE=" + v + ": expected forward, reverse or random[:seed]");
     r.schedule = k;
     if (colon != std::string::npos) r.seed = std::stoull(v.substr(colon + 1));
+  }
+  if (const char* rcv = std::getenv("NFT_FAST_CUDA_EMU_RACECHECK"); rcv && *rcv && std::string(rcv) != "0") {
+    if (!NFT_EMU_RACECHECK)
+      throw std::logic_error("NFT_FAST_CUDA_EMU_RACECHECK is set, but this nft_fast._cuda_emu was built without the "
+                             "race checker (CMake option NFT_FAST_CUDA_EMU_RACECHECK=ON)");
+    r.racecheck = true;
   }
   const long pg = sysconf(_SC_PAGESIZE);
   r.page = pg > 0 ? (std::size_t)pg : 4096;
@@ -447,6 +470,7 @@ void release_block(Runtime& r) {
     f.state = kRunnable;
   }
   r.n_wait_block = 0;
+  ++r.block_epoch;
 }
 
 void try_release_warp(Runtime& r, int w) {
@@ -541,7 +565,11 @@ void try_release_warp(Runtime& r, int w) {
       }
     }
   }
-  for (unsigned m = G; m; m &= m - 1) F[__builtin_ctz(m)].state = kRunnable;
+  for (unsigned m = G; m; m &= m - 1) {
+    Fiber& f = F[__builtin_ctz(m)];
+    f.state = kRunnable;
+    if (f.wkind == kSyncWarp) ++f.wep;  // orders memory among its lanes (a shuffle does not)
+  }
   wp.waiting &= ~G;
 }
 
@@ -556,20 +584,229 @@ void try_release_warp(Runtime& r, int w) {
   throw std::runtime_error("emulated kernel failed: " + where(r) + ", thread " + xyz(f.tid) + ": " + what);
 }
 
-// A GPU starts a block with undefined shared memory: fill every __shared__ variable with poison.
-void poison_shared(Runtime& r) {
-  char* lo = __start_nft_emu_shared;
-  char* hi = __stop_nft_emu_shared;
-  if (!lo || !hi || hi <= lo) return;
+// A GPU starts a block with undefined shared memory: fill the variable with poison (0xff bytes;
+// random ones under the random schedule).
+void poison(Runtime& r, const SharedSlot& v) {
+  unsigned char* p = g_arena + v.offset;
   if (r.schedule != kRandom) {
-    std::memset(lo, 0xff, (std::size_t)(hi - lo));
+    std::memset(p, 0xff, v.size);
     return;
   }
-  for (char* p = lo; p < hi; p += 8) {
-    const std::uint64_t v = splitmix(r.rng);
-    std::memcpy(p, &v, (std::size_t)std::min<std::ptrdiff_t>(8, hi - p));
+  for (std::size_t k = 0; k < v.size; k += 8) {
+    const std::uint64_t x = splitmix(r.rng);
+    std::memcpy(p + k, &x, std::min<std::size_t>(8, v.size - k));
   }
 }
+
+// Every shared variable the launch has used: the others are poisoned when first used.
+void poison_shared(Runtime& r) {
+  for (const SharedSlot* v : r.launch_slots) poison(r, *v);
+}
+// ---------------------------------------------------------------------------- racecheck
+// A data-race detector for the emulated kernels, in builds whose kernel sources are compiled
+// with -fsanitize=thread (CMake option NFT_FAST_CUDA_EMU_RACECHECK): the compiler then calls
+// __tsan_read4(addr), __tsan_write16(addr), ... before every load and store of the kernels, and
+// this file (not ThreadSanitizer's runtime, which is never linked) implements those hooks. Every
+// byte a launch touches gets a shadow cell: its last write, up to two reads since, and its last
+// atomic update, each as (block, thread, barrier epoch, __syncwarp epoch, code address). Two
+// accesses to one byte race when at least one is a write (or one is atomic and the other not)
+// and they are unordered on a GPU: in different blocks of the launch (global memory), or in
+// different threads of the block in the same barrier interval (no __syncthreads completed
+// between them; for two lanes of one warp, no __syncwarp either). Unlike the schedule checks,
+// this sees a race whether or not it changes the result. Shared memory is per block; fiber stacks
+// (locals) are private; launches are ordered. The first race of a launch fails it (after the
+// launch ends) with both accesses' source lines (addr2line). Not seen: memcpy/memset calls
+// (libc is not instrumented), and a write into an earlier reader's interval when two other
+// readers were already recorded for that byte.
+#if NFT_EMU_RACECHECK
+namespace rc {
+
+struct Access {
+  const void* pc = nullptr;
+  std::uint32_t blk = 0;  // Runtime::block_seq of the access (0: none)
+  std::uint16_t thr = 0, ep = 0, wep = 0;
+  std::uint16_t kind = 0;  // 0 read, 1 write, 2 atomic
+};
+struct Cell {
+  Access w, r1, r2, a;
+};
+constexpr std::uintptr_t kPageBits = 12;
+struct Page {
+  Cell c[std::size_t(1) << kPageBits];
+};
+
+struct State {
+  bool active = false;  // a launch with the checker on is running
+  std::unordered_map<std::uintptr_t, std::unique_ptr<Page>> pages;  // global memory, per launch
+  std::uintptr_t last_key = ~std::uintptr_t(0);
+  Page* last_page = nullptr;
+  std::vector<Cell> shared;  // the shared arena; stale cells are told apart by block
+  bool raced = false;
+  Access first, second;  // the first race: the later access, the earlier one
+  std::uintptr_t addr = 0;
+  int size = 0;
+  bool in_shared = false;
+  bool cross_block = false;
+};
+State st;
+
+// Ordered on a GPU? o (earlier) and c (now) race when neither is ordered before the other.
+inline bool concurrent(const Runtime& r, const Access& o, const Access& c, bool shared) {
+  if (o.blk == 0 || o.blk < r.launch_first) return false;  // none, or an earlier launch
+  if (o.blk != c.blk) return !shared;                        // shared: another block's (stale)
+  if (o.thr == c.thr || o.ep != c.ep) return false;
+  if ((o.thr >> 5) != (c.thr >> 5)) return true;
+  return o.wep == c.wep;
+}
+
+void note_race(const Runtime& r, const Access& now, const Access& then, std::uintptr_t addr, int size, bool shared) {
+  if (st.raced) return;
+  st.raced = true;
+  st.first = now;
+  st.second = then;
+  st.addr = addr;
+  st.size = size;
+  st.in_shared = shared;
+  st.cross_block = now.blk != then.blk;
+}
+
+void access(const void* p, int size, int kind, const void* pc) {
+  Runtime& r = rt();
+  if (!st.active || !t_in_launch || r.cur == nullptr) return;  // host code of a kernel source
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t stacks = reinterpret_cast<std::uintptr_t>(r.stacks);
+  if (a >= stacks && a < stacks + r.slot * kMaxThreads) return;  // a fiber's locals
+  const std::uintptr_t lo = reinterpret_cast<std::uintptr_t>(g_arena), hi = lo + r.arena_used;
+  const Fiber& f = *r.cur;
+  Access c;
+  c.pc = pc;
+  c.blk = r.block_seq;
+  c.thr = (std::uint16_t)f.lin;
+  c.ep = (std::uint16_t)r.block_epoch;
+  c.wep = (std::uint16_t)f.wep;
+  c.kind = (std::uint16_t)kind;
+  for (int i = 0; i < size; ++i) {
+    const std::uintptr_t b = a + (std::uintptr_t)i;
+    const bool shared = b >= lo && b < hi;
+    Cell* cell;
+    if (shared) {
+      if (st.shared.size() < hi - lo) st.shared.resize(hi - lo);  // new variables: fresh cells
+      cell = &st.shared[b - lo];
+    } else {
+      const std::uintptr_t key = b >> kPageBits;
+      if (key != st.last_key) {
+        auto& pg = st.pages[key];
+        if (!pg) pg.reset(new Page());
+        st.last_key = key;
+        st.last_page = pg.get();
+      }
+      cell = &st.last_page->c[b & ((std::uintptr_t(1) << kPageBits) - 1)];
+    }
+    // the conflicting earlier accesses: a write races with everything, a read with writes and
+    // atomics, an atomic with plain reads and writes
+    const Access* against[3] = {kind == 2 ? nullptr : &cell->a, &cell->w, nullptr};
+    if (kind != 0) against[2] = &cell->r1;
+    for (const Access* o : against)
+      if (o && concurrent(r, *o, c, shared)) note_race(r, c, *o, a, size, shared);
+    if (kind != 0 && concurrent(r, cell->r2, c, shared)) note_race(r, c, cell->r2, a, size, shared);
+    switch (kind) {
+      case 1:
+        cell->w = c;
+        cell->r1 = cell->r2 = Access{};
+        break;
+      case 2: cell->a = c; break;
+      default:  // keep two readers that are unordered with this one, else replace an ordered one
+        if (!concurrent(r, cell->r1, c, shared))
+          cell->r1 = c;
+        else if (!concurrent(r, cell->r2, c, shared))
+          cell->r2 = c;
+        break;
+    }
+  }
+}
+
+// A demangled name without its namespaces' anonymous parts and its parameter list.
+std::string short_function(std::string f) {
+  for (std::size_t k; (k = f.find("(anonymous namespace)::")) != std::string::npos;) f.erase(k, 23);
+  if (f.rfind("nft_fast::", 0) == 0) f.erase(0, 10);
+  if (!f.empty() && f.back() == ')') {  // cut "(float const*, ...)" at its matching parenthesis
+    int depth = 0;
+    for (std::size_t k = f.size(); k-- > 0;) {
+      depth += f[k] == ')' ? 1 : f[k] == '(' ? -1 : 0;
+      if (depth == 0) {
+        f.resize(k);
+        break;
+      }
+    }
+  }
+  return f;
+}
+
+// "function at file:line" of code addresses, through addr2line (binutils); else module+offset.
+std::vector<std::string> symbolize(const std::vector<const void*>& pcs) {
+  std::vector<std::string> out(pcs.size());
+  std::string cmd;
+  Dl_info info{};
+  for (std::size_t i = 0; i < pcs.size(); ++i) {
+    if (!pcs[i] || !dladdr(pcs[i], &info) || !info.dli_fname) {
+      out[i] = "?";
+      continue;
+    }
+    // the return address is the instruction after the call: step back into it
+    const std::uintptr_t off =
+        reinterpret_cast<std::uintptr_t>(pcs[i]) - 1 - reinterpret_cast<std::uintptr_t>(info.dli_fbase);
+    char hex[32];
+    std::snprintf(hex, sizeof hex, "0x%zx", (std::size_t)off);
+    out[i] = base(info.dli_fname) + "+" + hex;
+    if (!std::getenv("NFT_FAST_CUDA_EMU_NO_ADDR2LINE")) {
+      cmd = std::string("addr2line -C -f -e '") + info.dli_fname + "' " + hex + " 2>/dev/null";
+      if (FILE* pipe = popen(cmd.c_str(), "r")) {
+        char fn[4096] = {0}, line[4096] = {0};
+        if (std::fgets(fn, sizeof fn, pipe) && std::fgets(line, sizeof line, pipe)) {
+          std::string f(fn), l(line);
+          while (!f.empty() && (f.back() == '\n' || f.back() == '\r')) f.pop_back();
+          while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+          const std::size_t disc = l.find(" (discriminator");
+          if (disc != std::string::npos) l.resize(disc);
+          if (l.rfind("??", 0) != 0) out[i] = short_function(f) + " at " + base(l.c_str());
+        }
+        pclose(pipe);
+      }
+    }
+  }
+  return out;
+}
+
+std::string race_message(const Runtime& r) {
+  auto thread = [&](const Access& x) {
+    const unsigned bx = blockDim.x, by = blockDim.y;
+    const unsigned t = x.thr;
+    const unsigned long long bl = r.block_lin[x.blk - r.launch_first];
+    const uint3 tid{t % bx, (t / bx) % by, t / (bx * by)};
+    const uint3 bid{(unsigned)(bl % gridDim.x), (unsigned)(bl / gridDim.x % gridDim.y),
+                    (unsigned)(bl / gridDim.x / gridDim.y)};
+    return "thread " + xyz(tid) + " of block " + xyz(bid);
+  };
+  const char* verb_now[] = {"reads", "writes", "atomically updates"};
+  const char* verb_then[] = {"read", "wrote", "atomically updated"};
+  const std::vector<std::string> at = symbolize({st.first.pc, st.second.pc});
+  char where_buf[96];
+  if (st.in_shared)
+    std::snprintf(where_buf, sizeof where_buf, "shared memory (byte %zu of the emulator's shared arena)",
+                  (std::size_t)(st.addr - reinterpret_cast<std::uintptr_t>(g_arena)));
+  else
+    std::snprintf(where_buf, sizeof where_buf, "global memory at 0x%zx", (std::size_t)st.addr);
+  return "emulated kernel data race in kernel '" + std::string(r.name) + "' (grid " + xyz(gridDim) + ", blockDim " +
+         xyz(blockDim) + ") on " + where_buf + ": " + thread(st.first) + " " + verb_now[st.first.kind] + " " +
+         std::to_string(st.size) + " byte(s) at " + at[0] + ", and " + thread(st.second) + " " +
+         verb_then[st.second.kind] + " it at " + at[1] +
+         (st.cross_block ? " (blocks of one launch are not ordered: no barrier orders them)"
+                         : " in the same barrier interval (no __syncthreads, or __syncwarp within a warp, "
+                           "between them)");
+}
+
+}  // namespace rc
+#endif
 
 void run_block(Runtime& r) {
   const int T = r.nthreads;
@@ -579,6 +816,7 @@ void run_block(Runtime& r) {
     f.state = kRunnable;
     f.lin = i;
     f.tid = uint3{(unsigned)i % bx, ((unsigned)i / bx) % by, (unsigned)i / (bx * by)};
+    f.wep = 0;
     if (f.error) f.error = nullptr;
     init_context(r, i);
   }
@@ -589,6 +827,10 @@ void run_block(Runtime& r) {
   }
   r.n_wait_block = 0;
   r.n_exited = 0;
+  r.block_epoch = 0;
+  ++r.block_seq;
+  if (r.racecheck)
+    r.block_lin.push_back(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * (unsigned long long)blockIdx.z));
   poison_shared(r);
   for (int i = 0; i < T; ++i) r.order[i] = r.schedule == kReverse ? T - 1 - i : i;
   int live = T;
@@ -677,6 +919,31 @@ void warp_op(int kind, unsigned mask, int src, const void* in, void* out, int si
   if (out && size > 0) std::memcpy(out, f.wres, (std::size_t)size);
 }
 
+void* shared_slot(SharedSlot* slot, std::size_t size, std::size_t align) {
+  Runtime& r = rt();
+  current("shared memory");
+  if (!slot->placed) {
+    const std::size_t at = (r.arena_used + align - 1) / align * align;
+    if (at + size > kArenaBytes)
+      throw std::runtime_error("CUDA emulator: the kernels' shared variables exceed its arena of " +
+                               std::to_string(kArenaBytes >> 10) + " KiB");
+    slot->offset = at;
+    slot->size = size;
+    slot->placed = true;
+    r.arena_used = at + size;
+  }
+  if (slot->launch != r.launches) {  // its first use in this launch: in its first block
+    slot->launch = r.launches;
+    r.launch_slots.push_back(slot);
+    r.launch_shared += size;
+    if (r.launch_shared > kBlockSharedMax)
+      throw std::runtime_error("kernel '" + std::string(r.name) + "' uses " + std::to_string(r.launch_shared) +
+                               " bytes of shared memory: a CUDA block has at most 48 KiB of static shared memory");
+    poison(r, *slot);
+  }
+  return g_arena + slot->offset;
+}
+
 int lane_id() { return current("lane id").lin & 31; }
 
 unsigned active_lanes() {
@@ -717,11 +984,31 @@ void run_kernel(const char* name, dim3 grid, dim3 block, void (*body)(void*), vo
   blockDim = block;
   gridDim = grid;
   ++r.launches;
+  r.launch_slots.clear();
+  r.launch_shared = 0;
   std::uint64_t s0 = r.seed * 0x100000001b3ull ^ ++r.since_schedule;
   r.rng = splitmix(s0);
   const unsigned long long nb = (unsigned long long)grid.x * grid.y * grid.z;
+#if NFT_EMU_RACECHECK
+  struct RcGuard {
+    explicit RcGuard(Runtime& rr) {
+      rc::st.active = rr.racecheck;
+      if (!rr.racecheck) return;
+      rc::st.pages.clear();
+      rc::st.last_key = ~std::uintptr_t(0);
+      rc::st.last_page = nullptr;
+      rc::st.raced = false;
+      rr.launch_first = rr.block_seq + 1;
+      rr.block_lin.clear();
+    }
+    ~RcGuard() { rc::st.active = false; }
+  } rc_guard(r);
+#endif
   try {
     run_blocks(r, grid, nb);
+#if NFT_EMU_RACECHECK
+    if (rc::st.active && rc::st.raced) throw std::runtime_error(rc::race_message(r));
+#endif
   } catch (...) {
 #if NFT_EMU_ASAN
     // the failed launch abandoned frames, with their redzones, on the fiber stacks
@@ -756,6 +1043,34 @@ unsigned long long schedule_seed() {
   std::lock_guard<std::mutex> lock(r.mu);
   setup(r);
   return r.seed;
+}
+
+bool racecheck_available() { return NFT_EMU_RACECHECK != 0; }
+
+void set_racecheck(bool on) {
+  if (on && !NFT_EMU_RACECHECK)
+    throw std::logic_error(
+        "this nft_fast._cuda_emu was built without the race checker: build it with the CMake option "
+        "NFT_FAST_CUDA_EMU_RACECHECK=ON (tests/ops/test_cuda_racecheck.py does)");
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  r.racecheck = on;
+}
+
+bool racecheck() {
+  Runtime& r = rt();
+  std::lock_guard<std::mutex> lock(r.mu);
+  setup(r);
+  return r.racecheck;
+}
+
+void racecheck_atomic(const void* addr, int size, const void* pc) {
+#if NFT_EMU_RACECHECK
+  rc::access(addr, size, 2, pc);
+#else
+  (void)addr, (void)size, (void)pc;
+#endif
 }
 
 const char* switch_backend() {
@@ -796,3 +1111,35 @@ const char* cudaGetErrorName(cudaError_t err) {
   }
   return "cudaErrorUnknown";
 }
+
+#if NFT_EMU_RACECHECK
+// The hooks GCC / Clang's -fsanitize=thread instrumentation calls (see "racecheck" above).
+#define NFT_EMU_HOOK extern "C" __attribute__((visibility("hidden")))
+#define NFT_EMU_RW(N)                                                                                       \
+  NFT_EMU_HOOK void __tsan_read##N(void* p) { nft_emu::detail::rc::access(p, N, 0, __builtin_return_address(0)); } \
+  NFT_EMU_HOOK void __tsan_write##N(void* p) { nft_emu::detail::rc::access(p, N, 1, __builtin_return_address(0)); } \
+  NFT_EMU_HOOK void __tsan_unaligned_read##N(void* p) {                                                     \
+    nft_emu::detail::rc::access(p, N, 0, __builtin_return_address(0));                                      \
+  }                                                                                                         \
+  NFT_EMU_HOOK void __tsan_unaligned_write##N(void* p) {                                                    \
+    nft_emu::detail::rc::access(p, N, 1, __builtin_return_address(0));                                      \
+  }
+NFT_EMU_RW(1)
+NFT_EMU_RW(2)
+NFT_EMU_RW(4)
+NFT_EMU_RW(8)
+NFT_EMU_RW(16)
+#undef NFT_EMU_RW
+NFT_EMU_HOOK void __tsan_read_range(void* p, unsigned long n) {
+  nft_emu::detail::rc::access(p, (int)n, 0, __builtin_return_address(0));
+}
+NFT_EMU_HOOK void __tsan_write_range(void* p, unsigned long n) {
+  nft_emu::detail::rc::access(p, (int)n, 1, __builtin_return_address(0));
+}
+NFT_EMU_HOOK void __tsan_init() {}
+NFT_EMU_HOOK void __tsan_func_entry(void*) {}
+NFT_EMU_HOOK void __tsan_func_exit() {}
+NFT_EMU_HOOK void __tsan_vptr_update(void**, void*) {}
+NFT_EMU_HOOK void __tsan_vptr_read(void**) {}
+#undef NFT_EMU_HOOK
+#endif

@@ -11,8 +11,8 @@
 //                    mask that exists (a partial last warp has fewer lanes) arrived at a warp op
 //                    with the same mask and kind; an exited lane never arrives.
 // A pass in which no fiber can run raises "emulated kernel deadlock: ..." (no hang).
-// Launches are serialised process-wide, so __shared__ is a function-local static and atomics
-// are plain read-modify-writes (a fiber is never switched inside one).
+// Launches are serialised process-wide, so shared memory is one static arena and atomics are
+// plain read-modify-writes (a fiber is never switched inside one).
 //
 // Race and init checks (what a GPU does differently from one fixed serial order):
 //   schedule         set_schedule("forward" | "reverse" | "random", seed), or the environment
@@ -22,15 +22,23 @@
 //                    A deterministic kernel gives bit-identical results under every schedule; one
 //                    whose result changes has a race (a read and a write, or two writes, of one
 //                    address between two barriers, in different threads or blocks).
-//   __shared__       every __shared__ variable lives in the ELF section nft_emu_shared, which is
-//                    filled with poison at the start of every block (0xff bytes: NaN / -1; random
-//                    bytes under the random schedule), as a GPU gives a block undefined shared
-//                    memory: a read before the block wrote it shows up in the result.
+//   shared memory    NFT_SHARED(T, name, dims) (csrc/cuda/compat.h) places each shared variable in
+//                    one arena, and every variable a launch uses is filled with poison at the start
+//                    of every block (0xff bytes: NaN / -1; random bytes under the random schedule),
+//                    as a GPU gives a block undefined shared memory: a read before the block wrote
+//                    it shows up in the result. A plain __shared__ declaration does not compile
+//                    here: GCC silently drops a section attribute on a static local of a function
+//                    template (which is how the emulator once found them), so the masked-BN
+//                    reductions' shared arrays went unpoisoned.
+//   racecheck        builds with the race checker (CMake NFT_FAST_CUDA_EMU_RACECHECK=ON; see
+//                    cuda_emu.cpp) report the first unordered pair of accesses to one byte, at
+//                    least one a write, in a launch with both source lines, whether or not it
+//                    changed the result: set_racecheck(true) or NFT_FAST_CUDA_EMU_RACECHECK=1.
 //
 // Not emulated: dynamic (extern) shared memory, cooperative groups, clusters, inter-block
 // synchronisation or spin-waits on memory another thread of the block writes (the spinning
-// fiber never yields), interleavings finer than one barrier interval (a race shows up only as
-// a result that depends on the schedule), the GPU memory model,
+// fiber never yields), interleavings finer than one barrier interval (only the race checker,
+// not a run, sees a race there), the GPU memory model beyond barrier order,
 // timing, nvcc's FMA contraction and --use_fast_math approximations/flush-to-zero (the module
 // builds with -ffp-contract=off: only written fmaf/__fmaf_rn fuse).
 #pragma once
@@ -61,9 +69,10 @@
 #define __launch_bounds__(...)
 #define __grid_constant__
 #define __align__(n) alignas(n)
-// Blocks run one at a time and launches are serialised: one static copy is the block's. The
-// section lets the runtime poison all of them at each block start (see above).
-#define __shared__ static __attribute__((section("nft_emu_shared")))
+// Shared memory is declared with NFT_SHARED (below); a plain __shared__ is a compile error.
+#define __shared__                                                                                         \
+  static_assert(false, "__shared__ T name[n]; -> NFT_SHARED(T, name, [n]); (csrc/cuda/compat.h): the CUDA " \
+                       "emulator poisons shared memory it can find, and GCC hides template statics");
 // __restrict__ is a GNU C++ keyword already.
 
 // ------------------------------------------------------------------------- vector types
@@ -143,7 +152,30 @@ unsigned long long launch_count();  // launches run so far (valid configurations
 void set_schedule(const char* kind, unsigned long long seed);
 const char* schedule();
 unsigned long long schedule_seed();
+// Shared memory: a variable's place in the arena (set at its first use ever) and the launch
+// that last used it. Constant-initialised, so a static one in a kernel template needs no guard.
+struct SharedSlot {
+  std::size_t offset = 0, size = 0;
+  bool placed = false;
+  unsigned long long launch = 0;
+};
+// The variable's memory; poisoned at its first use in a launch and at every later block start.
+void* shared_slot(SharedSlot* slot, std::size_t size, std::size_t align);
+// Race checker (racecheck builds only, see above): whether this build has it, on/off for later
+// launches (throws std::logic_error where unavailable), and the hook the atomics report to.
+bool racecheck_available();
+void set_racecheck(bool on);
+bool racecheck();
+void racecheck_atomic(const void* addr, int size, const void* pc);
 }  // namespace detail
+
+// NFT_SHARED(T, name, dims): `T name dims` in block shared memory (one copy per block: blocks
+// run one at a time). `name` is a reference to the array; every thread evaluates it.
+#define NFT_SHARED(T, name, dims)                                                                     \
+  using nft_shared_##name##_type = T dims;                                                            \
+  static ::nft_emu::detail::SharedSlot nft_shared_##name##_slot;                                     \
+  nft_shared_##name##_type& name = *static_cast<nft_shared_##name##_type*>(::nft_emu::detail::shared_slot( \
+      &nft_shared_##name##_slot, sizeof(nft_shared_##name##_type), alignof(nft_shared_##name##_type)))
 
 template <typename... P>
 struct Launcher {
@@ -499,12 +531,23 @@ inline bool operator>(const __nv_bfloat16& a, const __nv_bfloat16& b) { return (
 inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return (float)a >= (float)b; }
 
 // ------------------------------------------------------------------------------ atomics
-// Fibers never switch inside these, and launches are serialised: plain read-modify-writes.
-#define NFT_EMU_ATOMIC(NAME, T, EXPR) \
-  inline T NAME(T* a, T v) {          \
-    const T old = *a;                 \
-    *a = (EXPR);                      \
-    return old;                       \
+// Fibers never switch inside these, and launches are serialised: plain read-modify-writes. In a
+// racecheck build they are not instrumented but reported as atomic accesses (which race only
+// with plain ones).
+#if NFT_EMU_RACECHECK
+#define NFT_EMU_ATOMIC_ATTR __attribute__((no_sanitize_thread, noinline))
+#define NFT_EMU_ATOMIC_NOTE(a) \
+  ::nft_emu::detail::racecheck_atomic((a), (int)sizeof(*(a)), __builtin_return_address(0))
+#else
+#define NFT_EMU_ATOMIC_ATTR
+#define NFT_EMU_ATOMIC_NOTE(a) ((void)0)
+#endif
+#define NFT_EMU_ATOMIC(NAME, T, EXPR)      \
+  NFT_EMU_ATOMIC_ATTR inline T NAME(T* a, T v) { \
+    NFT_EMU_ATOMIC_NOTE(a);                \
+    const T old = *a;                      \
+    *a = (EXPR);                           \
+    return old;                            \
   }
 NFT_EMU_ATOMIC(atomicAdd, int, old + v)
 NFT_EMU_ATOMIC(atomicAdd, unsigned int, old + v)
@@ -538,19 +581,22 @@ NFT_EMU_ATOMIC(atomicXor, unsigned long long, old ^ v)
 NFT_EMU_ATOMIC(atomicInc, unsigned int, old >= v ? 0u : old + 1u)
 NFT_EMU_ATOMIC(atomicDec, unsigned int, (old == 0u || old > v) ? v : old - 1u)
 #undef NFT_EMU_ATOMIC
-inline float2 atomicAdd(float2* a, float2 v) {
+NFT_EMU_ATOMIC_ATTR inline float2 atomicAdd(float2* a, float2 v) {
+  NFT_EMU_ATOMIC_NOTE(a);
   const float2 old = *a;
   *a = float2{old.x + v.x, old.y + v.y};
   return old;
 }
-inline float4 atomicAdd(float4* a, float4 v) {
+NFT_EMU_ATOMIC_ATTR inline float4 atomicAdd(float4* a, float4 v) {
+  NFT_EMU_ATOMIC_NOTE(a);
   const float4 old = *a;
   *a = float4{old.x + v.x, old.y + v.y, old.z + v.z, old.w + v.w};
   return old;
 }
-#define NFT_EMU_CAS(T)                  \
-  inline T atomicCAS(T* a, T cmp, T v) { \
-    const T old = *a;                   \
+#define NFT_EMU_CAS(T)                                     \
+  NFT_EMU_ATOMIC_ATTR inline T atomicCAS(T* a, T cmp, T v) { \
+    NFT_EMU_ATOMIC_NOTE(a);                                  \
+    const T old = *a;                                        \
     if (old == cmp) *a = v;             \
     return old;                         \
   }

@@ -29,6 +29,12 @@ PYBIND11_MODULE(_cuda_emu, m) {
         py::arg("kind"), py::arg("seed") = 0,
         "order of blocks and fibers in later launches: 'forward' (default), 'reverse' or 'random' (seeded); "
         "a deterministic kernel gives bit-identical results under each");
+  m.def("racecheck_available", []() { return nft_emu::detail::racecheck_available(); },
+        "whether this build has the data-race checker (CMake option NFT_FAST_CUDA_EMU_RACECHECK=ON)");
+  m.def("set_racecheck", [](bool on) { nft_emu::detail::set_racecheck(on); }, py::arg("on"),
+        "check later launches for data races (racecheck builds; also NFT_FAST_CUDA_EMU_RACECHECK=1): "
+        "a launch with a race raises RuntimeError naming both accesses");
+  m.def("racecheck", []() { return nft_emu::detail::racecheck(); }, "whether the race checker is on");
   m.def("schedule", []() { return py::make_tuple(std::string(nft_emu::detail::schedule()), nft_emu::detail::schedule_seed()); },
         "(kind, seed) of the current schedule");
 
@@ -84,5 +90,9 @@ PYBIND11_MODULE(_cuda_emu, m) {
     st::vec_load(ptr<const float>(x), off, ptr<float>(out), threads);
   });
   t.def("last_block", [](std::uintptr_t last, int blocks) { st::last_block(ptr<int>(last), blocks); });
+  t.def("warp_handoff", [](std::uintptr_t x, std::uintptr_t out, bool sync) {
+    st::warp_handoff(ptr<const float>(x), ptr<float>(out), sync);
+  });
+  t.def("atomic_vs_plain", [](std::uintptr_t p, int threads, bool plain) { st::atomic_vs_plain(ptr<int>(p), threads, plain); });
   t.def("trap_kernel", [](int threads) { st::trap_kernel(threads); });
 }

@@ -13,7 +13,7 @@ namespace {
 constexpr unsigned kFull = 0xffffffffu;
 
 __global__ void __launch_bounds__(1024) block_sum_kernel(const float* __restrict__ x, float* __restrict__ out, int n) {
-  __shared__ float s[1024];
+  NFT_SHARED(float, s, [1024]);
   const int t = threadIdx.x + threadIdx.y * blockDim.x;
   const int nt = blockDim.x * blockDim.y;
   float acc = 0.0f;
@@ -106,7 +106,7 @@ __global__ void bf16_kernel(const float* __restrict__ x, std::uint16_t* __restri
 }
 
 __global__ void barrier_kernel(float* __restrict__ out, int barriers) {
-  __shared__ float s[1024];
+  NFT_SHARED(float, s, [1024]);
   const int t = threadIdx.x, nt = blockDim.x;
   float v = (float)t;
   for (int r = 0; r < barriers; ++r) {
@@ -171,7 +171,7 @@ __global__ void shfl_after_exit_kernel(const float* __restrict__ x, float* __res
 }
 
 __global__ void divergent_sync_kernel(float* out) {
-  __shared__ float s[1024];
+  NFT_SHARED(float, s, [1024]);
   const int t = threadIdx.x;
   if (t < 16) {
     s[t] = 1.0f;
@@ -190,17 +190,19 @@ __global__ void trap_kernel_impl(int who) {
 // Deliberately racy: thread t writes s[t] and, with no barrier, reads its neighbour's slot; the
 // result depends on which thread ran first (the emulator's schedule; on a GPU, on timing).
 __global__ void racy_neighbour_kernel(const float* __restrict__ x, float* __restrict__ out) {
-  __shared__ float s[1024];
+  NFT_SHARED(float, s, [1024]);
   const int t = threadIdx.x;
   s[t] = x[blockIdx.x * blockDim.x + t];
   out[blockIdx.x * blockDim.x + t] = s[(t + 1) % blockDim.x];  // missing __syncthreads()
 }
 
-// Reads shared memory nobody in the block wrote: undefined on a GPU, poison on the emulator.
-__global__ void uninit_shared_kernel(float* __restrict__ out) {
-  __shared__ float s[1024];
+// Reads shared memory nobody in the block wrote: undefined on a GPU, poison on the emulator. A
+// template, as the masked-BN reductions: their shared arrays once escaped the poison.
+template <typename T>
+__global__ void uninit_shared_kernel(T* __restrict__ out) {
+  NFT_SHARED(T, s, [1024]);
   const int t = threadIdx.x;
-  if (t % 2 == 0) s[t] = 1.0f;
+  if (t % 2 == 0) s[t] = T(1);
   __syncthreads();
   out[blockIdx.x * blockDim.x + t] = s[t | 1];  // odd slots: never written
 }
@@ -222,6 +224,25 @@ __global__ void vec_load_kernel(const float* __restrict__ x, int off, float* __r
 // Cross-block race on global memory: every block writes its id to *last.
 __global__ void last_block_kernel(int* __restrict__ last) {
   if (threadIdx.x == 0) *last = (int)blockIdx.x;
+}
+
+// Lane t writes s[t], then reads lane t ^ 1's slot: ordered by the __syncwarp when `sync`, else a
+// race (the race checker's warp-level case, tests/ops/test_cuda_racecheck.py).
+__global__ void warp_handoff_kernel(const float* __restrict__ x, float* __restrict__ out, int sync) {
+  NFT_SHARED(float, s, [32]);
+  const int t = threadIdx.x;
+  s[t] = x[t];
+  if (sync) __syncwarp();
+  out[t] = s[t ^ 1];
+}
+
+// Every thread atomicAdds 1 to *p; with `plain`, thread 0 stores to it instead: atomics are ordered
+// only among themselves, so the store races with them.
+__global__ void atomic_vs_plain_kernel(int* p, int plain) {
+  if (plain && threadIdx.x == 0)
+    *p = 7;
+  else
+    atomicAdd(p, 1);
 }
 
 }  // namespace
@@ -315,7 +336,7 @@ void racy_neighbour(const float* x, float* out, int blocks, int threads) {
 }
 
 void uninit_shared(float* out, int blocks, int threads) {
-  NFT_LAUNCH(uninit_shared_kernel, blocks, threads, 0, out);
+  NFT_LAUNCH(uninit_shared_kernel<float>, blocks, threads, 0, out);
   NFT_CHECK_LAUNCH("uninit_shared");
 }
 
@@ -332,6 +353,16 @@ void vec_load(const float* x, int off, float* out, int threads) {
 void last_block(int* last, int blocks) {
   NFT_LAUNCH(last_block_kernel, blocks, 32, 0, last);
   NFT_CHECK_LAUNCH("last_block");
+}
+
+void warp_handoff(const float* x, float* out, bool sync) {
+  NFT_LAUNCH(warp_handoff_kernel, 1, 32, 0, x, out, sync ? 1 : 0);
+  NFT_CHECK_LAUNCH("warp_handoff");
+}
+
+void atomic_vs_plain(int* p, int threads, bool plain) {
+  NFT_LAUNCH(atomic_vs_plain_kernel, 1, threads, 0, p, plain ? 1 : 0);
+  NFT_CHECK_LAUNCH("atomic_vs_plain");
 }
 
 void trap_kernel(int threads) {

@@ -39,8 +39,11 @@ void trap_kernel(int threads);                 // __trap() in thread 5
 // Deliberately racy or undefined kernels: results that depend on the schedule / show the poison.
 void racy_neighbour(const float* x, float* out, int blocks, int threads);  // s[t] = x; out = s[t+1], no barrier
 void uninit_shared(float* out, int blocks, int threads);  // out[t] = s[t | 1], odd slots never written
-void last_block(int* last, int blocks);
-void oob_read(const float* x, int n, float* out);
-void vec_load(const float* x, int off, float* out, int threads);  // float4 loads at x + off: off % 4 == 0  // out[0] = x[n]: one past the end                   // every block writes its index to *last
+void last_block(int* last, int blocks);  // every block writes its index to *last
+void warp_handoff(const float* x, float* out, bool sync);  // out[t] = s[t ^ 1] after s[t] = x[t], __syncwarp if sync
+void atomic_vs_plain(int* p, int threads, bool plain);  // atomicAdd(p, 1); with plain, thread 0 stores instead
+// Memory errors (tests/ops/test_asan.py) and alignment traps.
+void oob_read(const float* x, int n, float* out);                 // out[0] = x[n]: one past the end
+void vec_load(const float* x, int off, float* out, int threads);  // float4 loads at x + off: off % 4 == 0
 }  // namespace emu_selftest
 }  // namespace nft_fast

@@ -16,12 +16,11 @@ value tests catch those), and anything the emulator does not model (tests/ops/te
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from ext_build import cmake_build, load_module_snippet, run_python
 
-ROOT = Path(__file__).resolve().parents[2]
 CXX = shutil.which("c++") or shutil.which("g++")
 
 
@@ -46,41 +45,23 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def asan_mods(tmp_path_factory):
     """Paths of AddressSanitizer builds of nft_fast._C (C++ kernels only) and nft_fast._cuda_emu."""
-    pybind11 = pytest.importorskip("pybind11")
-    tmp = tmp_path_factory.mktemp("asan")
-    out, build = tmp / "out", tmp / "build"
-    args = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DNFT_FAST_OUTPUT_DIR={out}",
-            f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DNFT_FAST_NO_CUDA=ON",
-            "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer",
-            "-DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=address"]
-    if shutil.which("ninja"):
-        args += ["-G", "Ninja"]
-    for cmd in (args, ["cmake", "--build", str(build), "--target", "_C", "_cuda_emu", "--parallel", str(os.cpu_count() or 2)]):
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    mods = {name: sorted(out.glob(f"{name}.*.so")) for name in ("_C", "_cuda_emu")}
-    assert all(mods.values()), f"modules missing in {out}: {mods}"
-    return {name: so[0] for name, so in mods.items()}
+    return cmake_build(tmp_path_factory.mktemp("asan"), ["_C", "_cuda_emu"],
+                       ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DCMAKE_CXX_FLAGS=-fsanitize=address -fno-omit-frame-pointer",
+                        "-DCMAKE_MODULE_LINKER_FLAGS=-fsanitize=address"])
 
 
 def _run(mods, argv, timeout, log_dir):
     """``argv`` in a Python preloaded with ASan on the modules ``mods``; ASan's reports, which
     pytest's output capture would swallow when ASan kills the process, go to files in ``log_dir``."""
-    env = dict(os.environ, LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}", NFT_TEST_C_SO=str(mods["_C"]),
-               NFT_TEST_CUDA_EMU_SO=str(mods["_cuda_emu"]), NFT_FAST_CUDA_EMU="1",
-               # torch and Python leak by design at exit; the fibers switch stacks (annotated)
-               ASAN_OPTIONS=f"detect_leaks=0:detect_stack_use_after_return=0:log_path={log_dir}/asan")
-    r = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    r = run_python(mods, argv, timeout, LD_PRELOAD=f"{LIBASAN} {LIBSTDCXX}",
+                   # torch and Python leak by design at exit; the fibers switch stacks (annotated)
+                   ASAN_OPTIONS=f"detect_leaks=0:detect_stack_use_after_return=0:log_path={log_dir}/asan")
     # (a warning alone, e.g. on the ucontext fallback test's swapcontext, is no report)
     reports = [f.read_text(errors="replace") for f in sorted(Path(log_dir).glob("asan*"))]
     return r, "".join(t for t in reports if "ERROR: AddressSanitizer" in t or "CHECK failed" in t)
 
 
-OOB = """
-import importlib.util, os, torch, nft_fast
-spec = importlib.util.spec_from_file_location("nft_fast._cuda_emu", os.environ["NFT_TEST_CUDA_EMU_SO"])
-m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+OOB = load_module_snippet() + """
 x, out = torch.arange(64, dtype=torch.float32), torch.zeros(1)
 m.selftest.oob_read(x.data_ptr(), 63, out.data_ptr())
 print("in bounds:", float(out), flush=True)

@@ -283,7 +283,13 @@ def test_trap_raises_with_thread():
 def test_ucontext_fallback_switch():
     """The portable ucontext fiber switch (default off x86-64) gives the same results."""
     code = (
-        "import array, nft_fast._cuda_emu as e\n"
+        "import array, importlib.util, os\n"
+        "so = os.environ.get('NFT_TEST_CUDA_EMU_SO')  # the module under test (a sanitizer build)\n"
+        "if so:\n"
+        "    spec = importlib.util.spec_from_file_location('nft_fast._cuda_emu', so)\n"
+        "    e = importlib.util.module_from_spec(spec); spec.loader.exec_module(e)\n"
+        "else:\n"
+        "    import nft_fast._cuda_emu as e\n"
         "assert e.switch_backend() == 'ucontext'\n"
         "out = array.array('f', [0.0]) * (4 * 64)\n"
         "e.selftest.barrier_bench(out.buffer_info()[0], 4, 64, 6)\n"
@@ -340,3 +346,21 @@ def test_mask_update_cuda_kernel_on_emulator_bit_equal(monkeypatch):
         mask_update_cuda(*b, lr, mom, reg)
         assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     assert emu.launch_count() == launches + 2, "the kernel ran on the emulator"
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="needs a C++ compiler")
+def test_plain_shared_declaration_does_not_compile_on_the_emulator():
+    """`__shared__ T x[n]` must be NFT_SHARED(T, x, [n]): the emulator found plain ones through an
+    ELF section, which GCC silently drops for a static local of a function template, so those
+    arrays were never poisoned (the masked-BN reductions' were not). Now it is a compile error."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cxx = shutil.which("c++") or shutil.which("g++")
+    src = ('#include "cuda/compat.h"\n'
+           "template <typename T> __global__ void k(T* out) { NFT_SHARED(T, ok, [32]); ok[threadIdx.x] = out[0]; }\n"
+           "template void k<float>(float*);\n")
+    bad = src + "__global__ void j(float* out) { __shared__ float s[32]; s[threadIdx.x] = out[0]; }\n"
+    run = lambda code: subprocess.run([cxx, "-std=c++17", "-fsyntax-only", "-DNFT_CUDA_EMU", "-I", os.path.join(root, "csrc"),
+                                       "-x", "c++", "-"], input=code, capture_output=True, text=True, timeout=120)
+    assert run(src).returncode == 0, run(src).stderr[-2000:]
+    r = run(bad)
+    assert r.returncode != 0 and "NFT_SHARED" in r.stderr, r.stderr[-2000:]
