@@ -95,9 +95,10 @@ def test_planted_races_are_reported_with_both_source_lines(race_mod):
 def test_kernel_tests_pass_under_the_race_checker(race_mod):
     """Every CUDA kernel test on the emulator with the checker on: masked BN (every layout, dtype,
     residual/ReLU case), MixUp batch and CE, the mask update, the schedule checks, the emulator's
-    self-tests."""
+    self-tests, and Purifier steps on the cuda backend."""
     files = ["tests/ops/test_cuda_emu.py", "tests/ops/test_cuda_schedules.py", "tests/ops/test_mixup_cuda.py",
-             "tests/ops/test_masked_bn_cpp.py", "tests/ops/test_mask_update.py"]
+             "tests/ops/test_masked_bn_cpp.py", "tests/ops/test_mask_update.py", "tests/ops/test_mixup.py",
+             "tests/ops/test_masked_bn.py", "tests/test_purifier_backends.py"]
     r = run_python(race_mod, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "cuda and not compile"],
                    timeout=1500, NFT_FAST_CUDA_EMU_RACECHECK="1")
     tail = r.stdout[-6000:] + "\n" + r.stderr[-3000:]
