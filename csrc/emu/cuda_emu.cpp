@@ -659,7 +659,7 @@ inline bool concurrent(const Runtime& r, const Access& o, const Access& c, bool 
   return o.wep == c.wep;
 }
 
-void note_race(const Runtime& r, const Access& now, const Access& then, std::uintptr_t addr, int size, bool shared) {
+void note_race(const Access& now, const Access& then, std::uintptr_t addr, int size, bool shared) {
   if (st.raced) return;
   st.raced = true;
   st.first = now;
@@ -707,8 +707,8 @@ void access(const void* p, int size, int kind, const void* pc) {
     const Access* against[3] = {kind == 2 ? nullptr : &cell->a, &cell->w, nullptr};
     if (kind != 0) against[2] = &cell->r1;
     for (const Access* o : against)
-      if (o && concurrent(r, *o, c, shared)) note_race(r, c, *o, a, size, shared);
-    if (kind != 0 && concurrent(r, cell->r2, c, shared)) note_race(r, c, cell->r2, a, size, shared);
+      if (o && concurrent(r, *o, c, shared)) note_race(c, *o, a, size, shared);
+    if (kind != 0 && concurrent(r, cell->r2, c, shared)) note_race(c, cell->r2, a, size, shared);
     switch (kind) {
       case 1:
         cell->w = c;
