@@ -308,7 +308,8 @@ class BasicBlock3d(_Residual):
         self._add_shortcut(cin, cout, stride, nn.BatchNorm3d, "downsample", nn.Conv3d)
 
     def pre_norm(self, x: torch.Tensor) -> Tuple[torch.Tensor, nn.Module]:
-        return self.conv2[0](self.conv1(x)), self.conv2[1]
+        # conv1 = (conv, bn, relu) for torchvision's keys; relu(bn(.)) runs as one fused op
+        return self.conv2[0](norm_act(self.conv1[1], self.conv1[0](x))), self.conv2[1]
 
 
 class R3D(nn.Module):
@@ -336,7 +337,8 @@ class R3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             x = x.unsqueeze(2)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = norm_act(self.stem[1], self.stem[0](x))  # stem = (conv, bn, relu), the last two fused
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(F.adaptive_avg_pool3d(x, 1).flatten(1))
 
 
