@@ -616,8 +616,9 @@ void poison_shared(Runtime& r) {
 // this sees a race whether or not it changes the result. Shared memory is per block; fiber stacks
 // (locals) are private; launches are ordered. The first race of a launch fails it (after the
 // launch ends) with both accesses' source lines (addr2line). Not seen: memcpy/memset calls
-// (libc is not instrumented), and a write into an earlier reader's interval when two other
-// readers were already recorded for that byte.
+// (libc is not instrumented). Two unordered reads are kept per byte (a third one is dropped):
+// enough to see every write racing with a read, though it may be reported against another of
+// the reads.
 #if NFT_EMU_RACECHECK
 namespace rc {
 
