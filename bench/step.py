@@ -499,7 +499,8 @@ def add_ratios(rows: Dict[str, dict]) -> None:
     for name, r in rows.items():
         t = r.get("median_ms")
         sfx = name.split(" ", 1)[1] if " " in name else ""
-        fl = ms(f"floor {sfx}") if sfx and ms(f"floor {sfx}") else ms("floor")
+        fl_name = f"floor {sfx}" if sfx and ms(f"floor {sfx}") else "floor"
+        fl = ms(fl_name)
         r["speedup_vs_reference"] = ref / t if t and ref else None
         r["ratio_to_eager_tuned"] = t / eager if t and eager else None
         r["ratio_to_compile"] = t / comp if t and comp else None
@@ -507,11 +508,12 @@ def add_ratios(rows: Dict[str, dict]) -> None:
         p, pe = r.get("peak_mb"), peak("eager_tuned")
         r["peak_ratio_to_eager_tuned"] = p / pe if p and pe else None
         # interleaved passes: the ratios pass by pass (rows of one pass ran minutes apart at most)
-        fl_name = f"floor {sfx}" if sfx and ms(f"floor {sfx}") else "floor"
-        for key, other in (("speedup_vs_reference_by_pass", "reference"), ("ratio_to_floor_by_pass", fl_name)):
-            a, b = r.get("pass_median_ms"), (rows.get(other) or {}).get("pass_median_ms")
-            if a and b and len(a) == len(b):
-                r[key] = [(y / x) if key.startswith("speedup") else (x / y) for x, y in zip(a, b)]
+        own = r.get("pass_median_ms")
+        ref_p, fl_p = ((rows.get(n) or {}).get("pass_median_ms") for n in ("reference", fl_name))
+        if own and ref_p and len(own) == len(ref_p):
+            r["speedup_vs_reference_by_pass"] = [x / y for x, y in zip(ref_p, own)]
+        if own and fl_p and len(own) == len(fl_p):
+            r["ratio_to_floor_by_pass"] = [x / y for x, y in zip(own, fl_p)]
 
 
 def _f(v, fmt: str, suffix: str = "") -> str:

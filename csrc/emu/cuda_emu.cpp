@@ -25,9 +25,9 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <memory>
 #include <new>
 #include <stdexcept>
-#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -647,7 +647,6 @@ struct State {
   std::uintptr_t addr = 0;
   int size = 0;
   bool in_shared = false;
-  bool cross_block = false;
 };
 State st;
 
@@ -668,7 +667,6 @@ void note_race(const Access& now, const Access& then, std::uintptr_t addr, int s
   st.addr = addr;
   st.size = size;
   st.in_shared = shared;
-  st.cross_block = now.blk != then.blk;
 }
 
 void access(const void* p, int size, int kind, const void* pc) {
@@ -801,7 +799,7 @@ std::string race_message(const Runtime& r) {
          xyz(blockDim) + ") on " + where_buf + ": " + thread(st.first) + " " + verb_now[st.first.kind] + " " +
          std::to_string(st.size) + " byte(s) at " + at[0] + ", and " + thread(st.second) + " " +
          verb_then[st.second.kind] + " it at " + at[1] +
-         (st.cross_block ? " (blocks of one launch are not ordered: no barrier orders them)"
+         (st.first.blk != st.second.blk ? " (blocks of one launch are not ordered: no barrier orders them)"
                          : " in the same barrier interval (no __syncthreads, or __syncwarp within a warp, "
                            "between them)");
 }

@@ -542,12 +542,12 @@ inline bool operator>=(const __nv_bfloat16& a, const __nv_bfloat16& b) { return 
 #define NFT_EMU_ATOMIC_ATTR
 #define NFT_EMU_ATOMIC_NOTE(a) ((void)0)
 #endif
-#define NFT_EMU_ATOMIC(NAME, T, EXPR)      \
+#define NFT_EMU_ATOMIC(NAME, T, EXPR)            \
   NFT_EMU_ATOMIC_ATTR inline T NAME(T* a, T v) { \
-    NFT_EMU_ATOMIC_NOTE(a);                \
-    const T old = *a;                      \
-    *a = (EXPR);                           \
-    return old;                            \
+    NFT_EMU_ATOMIC_NOTE(a);                      \
+    const T old = *a;                            \
+    *a = (EXPR);                                 \
+    return old;                                  \
   }
 NFT_EMU_ATOMIC(atomicAdd, int, old + v)
 NFT_EMU_ATOMIC(atomicAdd, unsigned int, old + v)
@@ -597,8 +597,8 @@ NFT_EMU_ATOMIC_ATTR inline float4 atomicAdd(float4* a, float4 v) {
   NFT_EMU_ATOMIC_ATTR inline T atomicCAS(T* a, T cmp, T v) { \
     NFT_EMU_ATOMIC_NOTE(a);                                  \
     const T old = *a;                                        \
-    if (old == cmp) *a = v;             \
-    return old;                         \
+    if (old == cmp) *a = v;                                  \
+    return old;                                              \
   }
 NFT_EMU_CAS(int)
 NFT_EMU_CAS(unsigned int)

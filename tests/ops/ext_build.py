@@ -42,8 +42,12 @@ def run_python(mods: Dict[str, Path], argv: List[str], timeout: float, **env) ->
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def load_module_snippet(var: str = "NFT_TEST_CUDA_EMU_SO") -> str:
-    """Python source that imports the module built at $var as ``m`` (for ``python -c``)."""
-    return (f"import importlib.util, os, torch, nft_fast\n"
-            f"spec = importlib.util.spec_from_file_location('nft_fast._cuda_emu', os.environ['{var}'])\n"
-            f"m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n")
+def load_module_snippet(var: str = "NFT_TEST_CUDA_EMU_SO", name: str = "m") -> str:
+    """Python source (for ``python -c``) that imports the emulator module as ``name``: the build at
+    $var when it is set (a sanitizer run), else the installed one."""
+    return ("import importlib.util, os, torch, nft_fast\n"
+            f"if os.environ.get('{var}'):\n"
+            f"    spec = importlib.util.spec_from_file_location('nft_fast._cuda_emu', os.environ['{var}'])\n"
+            f"    {name} = importlib.util.module_from_spec(spec); spec.loader.exec_module({name})\n"
+            "else:\n"
+            f"    import nft_fast._cuda_emu as {name}\n")

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from ext_build import load_module_snippet
 
 import nft_fast
 from nft_fast import _build, ops
@@ -283,13 +284,8 @@ def test_trap_raises_with_thread():
 def test_ucontext_fallback_switch():
     """The portable ucontext fiber switch (default off x86-64) gives the same results."""
     code = (
-        "import array, importlib.util, os\n"
-        "so = os.environ.get('NFT_TEST_CUDA_EMU_SO')  # the module under test (a sanitizer build)\n"
-        "if so:\n"
-        "    spec = importlib.util.spec_from_file_location('nft_fast._cuda_emu', so)\n"
-        "    e = importlib.util.module_from_spec(spec); spec.loader.exec_module(e)\n"
-        "else:\n"
-        "    import nft_fast._cuda_emu as e\n"
+        load_module_snippet(name="e")  # the module under test (a sanitizer build when one is set)
+        + "import array\n"
         "assert e.switch_backend() == 'ucontext'\n"
         "out = array.array('f', [0.0]) * (4 * 64)\n"
         "e.selftest.barrier_bench(out.buffer_info()[0], 4, 64, 6)\n"
