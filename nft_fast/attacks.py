@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layout import guard_convs
+
 _EPS = 1e-7
 
 
@@ -375,6 +377,7 @@ class InputAware(Attack):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"inputaware: poison rate must be in [0, 1], got {rate}")
         device = next(model.parameters()).device
+        guard_convs(model)  # its weights train: keep a channels_last model clear of the oneDNN bug
         if self.gen is None:
             self.build_generators(x.shape[1])
         gen, mask = self._nets(device)

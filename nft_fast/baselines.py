@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .layout import guard_convs
 from ._loop import Batches, CleanData, fork_rng, model_device, progress_bar
 from .config import PRESETS, NFTConfig
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_sites
@@ -117,6 +118,7 @@ def finetune(
     net = fold_masks(model)  # a deep copy (masks, if any, folded in)
     for p in net.parameters():
         p.requires_grad_(True)
+    guard_convs(net)  # every weight trains, in whatever layout the model came (nft_fast.layout)
     device = model_device(net)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import ops
+from . import layout, ops
 from ._bn import bn_buffers, kept
 from ._loop import Batches, fork_rng, model_device, progress_bar
 from .config import NFTConfig
@@ -51,10 +51,9 @@ class Purifier:
         self.device = masks[0].device
         for n, p in model.named_parameters():
             p.requires_grad_(n.rsplit(".", 1)[-1] == MASK_NAME)
-        cl = self.cfg.channels_last
-        self.channels_last = any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules()) if cl is None else bool(cl)
+        self.channels_last = layout.wants_channels_last(model, self.cfg.channels_last)
         if self.channels_last:
-            _to_channels_last(model)
+            layout.to_channels_last(model)
         # One flat buffer holds every mask (the parameters become views of it), another
         # every gradient: autograd accumulates in place into the views, so the fused
         # update sees all masks and gradients as single contiguous tensors.
@@ -134,7 +133,7 @@ class Purifier:
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
         use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
         if (use_adv or use_trig) and self.channels_last:
-            x = x.contiguous(memory_format=ops.channels_last_format(x.dim(), True))
+            x = layout.like_model(x, True)
         if use_adv or use_trig:
             with kept(self._bn_buffers):  # restored after backward: batch_norm saved them for it
                 total = loss
@@ -201,7 +200,7 @@ class Purifier:
                                  "counter every step; set a momentum")
             st = self._static = {
                 "x": torch.empty(x.shape, dtype=x.dtype, device=self.device,
-                                 memory_format=ops.channels_last_format(x.dim(), self.channels_last)),
+                                 memory_format=layout.memory_format(x.dim(), self.channels_last)),
                 "y": torch.empty(y.shape, dtype=y.dtype, device=self.device),
                 "perm": torch.empty(perm.shape, dtype=torch.int64, device=self.device),
                 "lam": torch.empty((), dtype=torch.float32, device=self.device),
@@ -263,17 +262,6 @@ class PurifyResult:
         return {s.name: s.mask.detach().clone() for s in mask_sites(self.model)}
 
 
-def _to_channels_last(model: nn.Module) -> None:
-    """4-D parameters/buffers to channels_last and 5-D ones to channels_last_3d, in place
-    (``model.to(memory_format=channels_last)`` refuses 5-D tensors)."""
-    with torch.no_grad():
-        for m in model.modules():
-            for store in (m._parameters, m._buffers):
-                for k, t in store.items():
-                    if t is not None and t.dim() in (4, 5):
-                        t.data = t.data.contiguous(memory_format=ops.channels_last_format(t.dim(), True))
-
-
 def _infer_num_classes(model: nn.Module, x: torch.Tensor) -> int:
     was = model.training
     model.eval()
@@ -326,11 +314,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> 
         m.momentum = None
     model.train()
     dev = model_device(model)
-    cl = any(isinstance(m, nn.Conv2d) for m in model.modules()) and x.dim() == 4
+    cl = layout.has_convs(model)
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(dev)
-            model(xb.contiguous(memory_format=torch.channels_last) if cl else xb)
+            model(layout.like_model(x[i:i + batch_size].to(dev), cl))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

@@ -23,6 +23,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..layout import memory_format as channels_last_format
 from . import _device_ok, register, resolve
 
 Lam = Union[float, torch.Tensor]
@@ -79,15 +80,6 @@ def _check_ce(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: La
         raise ValueError(f"{who}: y is on {y.device}, logits on {logits.device}")
     _check_perm(perm, B, logits.device, who)
     _check_lam(lam, logits.device, who)
-
-
-def channels_last_format(ndim: int, channels_last: bool) -> torch.memory_format:
-    """channels_last for 4-D, channels_last_3d for 5-D tensors when ``channels_last``; else contiguous."""
-    if channels_last and ndim == 4:
-        return torch.channels_last
-    if channels_last and ndim == 5:
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _split_lam(lam: Lam) -> Tuple[Optional[torch.Tensor], float]:
