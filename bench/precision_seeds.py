@@ -102,10 +102,18 @@ def main() -> None:
 
     names = [f"{p}:{b}" for p, b in configs]
     base = names[0]
+    import torch
+
+    from nft_fast.machine import cpu_bf16_warning, describe, machine_info
+
+    torch.set_num_threads(args.threads)  # what each run had (OMP_NUM_THREADS), for the record
+    machine = machine_info()
     sh = seen.get("shape", {})
     lines = [f"# Purification quality by step configuration ({args.preset} preset: {sh.get('steps')} steps, "
              f"{sh.get('rounds')} rounds, batch {sh.get('batch_size')}, lr {sh.get('lr')}; {date.today():%Y-%m-%d})", "",
-             f"Backdoored model: `{run_dir}`. ACC / ASR in %; d = configuration minus `{base}` on the same seed."
+             f"Machine: {describe(machine)}."
+             + (f" Note: {cpu_bf16_warning()}." if cpu_bf16_warning() and any(p == "bf16" for p, _ in configs) else ""),
+             "", f"Backdoored model: `{run_dir}`. ACC / ASR in %; d = configuration minus `{base}` on the same seed."
              + (f" Runs marked * are taken from {', '.join(f'`{f.name}`' for f in args.prior)}; the others ran "
                 "now." if from_prior else ""),
              "", "| seed | " + " | ".join(f"{n} ACC / ASR" for n in names) + " | "
@@ -150,7 +158,7 @@ def main() -> None:
     (out_dir / f"{args.tag}.json").write_text(json.dumps(
         {"preset": args.preset, "config": sh, "run": str(run_dir), "seeds": args.seeds, "configs": names,
          "runs": {f"{n}/s{s}": {"acc": v[0], "asr": v[1], "prior": (n, s) in from_prior} for (n, s), v in res.items()},
-         "repeated": rerun, "summary": summary},
+         "repeated": rerun, "summary": summary, "machine": machine},
         indent=1))
     print("\n".join(lines))
 

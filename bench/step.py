@@ -53,6 +53,7 @@ import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
 from nft_fast import reference as R  # noqa: E402
 from nft_fast.masks import attach_masks, mask_parameters  # noqa: E402
+from nft_fast.machine import describe as describe_machine, machine_info  # noqa: E402
 from nft_fast.models import ViT, build, default_exclude, vit_dim, vit_patch_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -483,6 +484,8 @@ def env_info(device: torch.device) -> dict:
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
         "build": nft_fast.build_info(),
+        # CPU model, torch's CPU capability (AVX2 / AVX512), native bf16, threads
+        "machine": machine_info(),
     }
 
 
@@ -524,6 +527,7 @@ def markdown(result: dict) -> str:
     e = result["env"]
     lines = ["# NFT step: side by side", "",
              f"{e['device']}; torch {e['torch']}; triton {e['triton']}; CUDA {e['cuda']}; {e['date']}",
+             f"Machine: {describe_machine(e['machine'])}." if e.get("machine") else "",
              (f"{result['args'].get('passes', 1)} interleaved passes x " if result['args'].get('passes', 1) > 1 else "")
              + f"steps {result['args']['steps']} (median), warm-up {result['args']['warmup']}; "
              f"dtype {result['args']['dtype']}; shrink {result['args']['shrink']}; cudnn.benchmark {e['cudnn_benchmark']}", "",

@@ -16,6 +16,7 @@ from .config import PRESETS, NFTConfig
 from .data import ArrayDataset, DataError, check_clean_set, image_folder, load_arrays, per_class
 from .evaluation import evaluate
 from .io import CheckpointError, load_into, load_state_dict, save_state_dict
+from .machine import machine_info
 from .masks import attach_masks, fold_masks, mask_sites
 from .ops import BackendUnavailable
 from .purifier import purify
@@ -153,6 +154,7 @@ def run_purify(args, title: str = "NFT purification") -> dict:
         "mask_layers": len(sites), "mask_entries": sum(s.numel for s in sites),
         "before": before, "after": dict(after, seconds=result.seconds), "history": result.history,
         "outputs": {"model": str(out / "purified.safetensors"), "masks": str(out / "masks.safetensors")},
+        "machine": machine_info(),
     }
     scan0 = next((h["scan"] for h in result.history if "scan" in h), None)
     if scan0 is not None:  # the poison-free signal: the same scan on the purified model
@@ -234,7 +236,11 @@ def cmd_info(args) -> int:
     from . import ops
     from ._build import build_info
 
-    print(json.dumps({"build": build_info(), "ops": ops.implementations()}, indent=2))
+    from .machine import cpu_bf16_warning
+
+    notes = [n for n in (cpu_bf16_warning(),) if n]
+    print(json.dumps({"build": build_info(), "machine": machine_info(), "notes": notes, "ops": ops.implementations()},
+                     indent=2))
     return 0
 
 

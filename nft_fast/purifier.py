@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -23,6 +24,7 @@ from . import layout, ops
 from ._bn import bn_buffers, kept
 from ._loop import Batches, fork_rng, model_device, progress_bar
 from .config import NFTConfig
+from .machine import cpu_bf16_warning
 from .evaluation import pgd_linf
 from .trigger import Trigger, scan, synthesize
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
@@ -75,6 +77,9 @@ class Purifier:
         self._rng = np.random.default_rng(self.cfg.seed)
         self._gen = torch.Generator().manual_seed(self.cfg.seed)
         self._autocast = self.cfg.precision == "bf16"
+        slow_bf16 = cpu_bf16_warning() if self._autocast and self.device.type == "cpu" else None
+        if slow_bf16:
+            warnings.warn(slow_bf16, stacklevel=2)
         # BN buffers are snapshotted around the adversarial forwards so running statistics
         # reflect the (MixUp) clean batches only, as in the reference.
         self.triggers: List[Trigger] = []  # unlearning triggers (NFTConfig.trigger_weight)

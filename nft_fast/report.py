@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .io import write_json, write_text
+from .machine import describe
 
 
 def _pct(v) -> str:
@@ -104,6 +105,8 @@ def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]]
     files = [out / "report.json", out / "report.md"]
     rows = {"backdoored": report.get("before", {}), "NFT purified": report.get("after", {})}
     md = [f"# {title}", "", metrics_table(rows), ""]
+    if report.get("machine"):
+        md += [f"Machine: {describe(report['machine'])}.", ""]
     sig = report.get("signal")
     if sig:
         b, a = sig["before"], sig["after"]

@@ -112,6 +112,9 @@ def _check_outputs(out: Path, rounds: int, original_keys) -> None:
     assert {"before", "after", "history"} <= report.keys()
     assert len(report["history"]) == rounds
     assert report["before"] and report["after"]
+    m = report["machine"]  # every measurement names its machine
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["threads"] >= 1 and m["torch"]
+    assert f"({m['cpu_capability']}, " in (out / "report.md").read_text()
     purified = load_state_dict(out / "purified.safetensors")
     assert set(purified) == set(original_keys)
     build().load_state_dict(purified, strict=True)
@@ -336,6 +339,8 @@ def test_python_m_info():
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert "cpp_compiled" in info["build"]
+    assert info["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(info["machine"]["cpu_native_bf16"], bool) and isinstance(info["notes"], list)
 
 
 @pytest.mark.skipif(shutil.which("nft-fast") is None, reason="console script nft-fast not on PATH")
