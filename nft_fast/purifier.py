@@ -319,10 +319,11 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> 
         m.momentum = None
     model.train()
     dev = model_device(model)
-    cl = layout.has_convs(model)
+    cl = any(isinstance(m, nn.Conv2d) for m in model.modules()) and x.dim() == 4
     try:
         for i in range(0, x.shape[0], batch_size):
-            model(layout.like_model(x[i:i + batch_size].to(dev), cl))
+            xb = x[i:i + batch_size].to(dev)
+            model(xb.contiguous(memory_format=torch.channels_last) if cl else xb)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom

@@ -49,11 +49,14 @@ def test_anomaly_index():
 def test_scan_finds_the_backdoor_target(toy_backdoor):
     model, (xc, yc), _, _ = toy_backdoor
     state = copy.deepcopy(model.state_dict())
-    res = scan(model, xc, yc, steps=60, batch_size=64)
+    # 150 steps (the default): the target's trigger is 0.19-0.36 of the next smallest on toy models
+    # of seeds 0-2, on AVX2 and AVX-512 CPUs. (After 60 steps the norms have not settled, and the
+    # anomaly index, a median/MAD over 4 classes, ranged 0.67-3.9 over those models.)
+    res = scan(model, xc, yc, steps=150, batch_size=64)
     assert res.suspect == 0, res.summary()
     t = res.triggers[0]
-    assert t.success > 0.8 and t.norm < min(tr.norm for tr in res.triggers[1:])
-    assert res.max_anomaly > 1.0
+    assert t.success > 0.8 and t.norm < 0.5 * min(tr.norm for tr in res.triggers[1:]), res.summary()
+    assert res.max_anomaly > 0
     assert t.mask.shape == (1, 12, 12) and t.pattern.shape == (1, 12, 12)
     assert float(t.mask.min()) >= 0 and float(t.mask.max()) <= 1
     assert float(t.pattern.min()) >= float(xc.min()) - 1e-6 and float(t.pattern.max()) <= float(xc.max()) + 1e-6
