@@ -6,8 +6,10 @@ leaves the state dict unchanged. :func:`to_channels_last` converts a model in pl
 guards it; the training loops (``train_classifier``, the baselines, the attacks that train
 a model) call :func:`guard_convs` on whatever model they are given, whatever its layout.
 
-The oneDNN bug (torch 2.13.0+cpu, oneDNN v3.12.0; repro: ``onednn_channels_last_1thread.py``
-in the project's issue tracker, and ``tests/test_onednn_guard.py``): oneDNN's
+The oneDNN bug (torch 2.13.0+cpu, oneDNN v3.12.0; plain-PyTorch repro:
+``tests/repro/onednn_channels_last_1thread.py``, e.g. ``ONEDNN_MAX_CPU_ISA=AVX2 python
+tests/repro/onednn_channels_last_1thread.py 1 1 cl``; regression test:
+``tests/test_onednn_guard.py``): oneDNN's
 ``jit_avx2_1x1_convolution_bwd_weights`` -- the weight gradient of a 2-D 1x1 convolution with
 a stride above 1, an NHWC (channels_last) input of 2 to 7 channels (fewer than the 8 fp32
 lanes of AVX2), on a CPU where oneDNN runs AVX2 code (no AVX-512, or
@@ -16,7 +18,8 @@ lanes of AVX2), on a CPU where oneDNN runs AVX2 code (no AVX-512, or
 two it may hang in the kernel. NCHW inputs, 3x3 or stride-1 1x1 convolutions, >= 8 channels,
 Conv3d, bf16 (no oneDNN bf16 on AVX2) and AVX-512 CPUs take other kernels and are not
 affected. Such convolutions are ResNet downsampling shortcuts of very narrow networks
-(width 2-7), so the guard converts just their input to NCHW: exact, and about free.
+(width 2-7), so the guard converts just their input (and their 1x1 weight's strides) to
+NCHW: exact, and about free (``bench/onednn_guard.py``).
 Drop the guard once torch's oneDNN is fixed (``NFT_FAST_ONEDNN_GUARD=0`` turns it off).
 """
 from __future__ import annotations

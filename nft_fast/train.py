@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from . import layout
-from ._loop import progress_bar
 
 
 def train_classifier(model: nn.Module, data: Dataset, epochs: int = 4, batch_size: int = 64, lr: float = 0.05,
@@ -20,7 +19,11 @@ def train_classifier(model: nn.Module, data: Dataset, epochs: int = 4, batch_siz
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
-    bar = progress_bar(epochs * len(loader), "train", progress)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs * len(loader), desc="train", unit="step", dynamic_ncols=True, disable=None)
     # channels_last convolutions are faster on CPU and GPU (the state dict is unaffected).
     channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
     if channels_last:
@@ -40,8 +43,10 @@ def train_classifier(model: nn.Module, data: Dataset, epochs: int = 4, batch_siz
                 loss.backward()
                 opt.step()
                 sched.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
     model.eval()
     return model
