@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--no-run", action="store_true", help="only tabulate runs already in --work")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     ap.add_argument("--prior", nargs="+", type=Path, default=[],
-                    help="results JSON of earlier runs of this script (same preset and run shape): runs missing "
+                    help="results JSON this script wrote before (same preset and run shape): runs missing "
                          "from --work are taken from them; a run in both must give the same ACC / ASR")
     ap.add_argument("--tag", default=f"precision_seeds_{date.today():%Y%m%d}")
     args = ap.parse_args()

@@ -3,7 +3,7 @@
 The backdoored model is trained here (CI has no cache): width 4, 12,000 attacker images,
 2 epochs, then NFT with the reference settings (1000 steps) on the 600-image clean set.
 About 45 s on 2 CPU cores. Measured: ACC 82.97 -> 79.50, ASR 98.06 -> 86.16: the reference
-NFT lowers this backdoor but does not remove it (issue 4).
+NFT lowers this backdoor but does not remove it.
 """
 import pytest
 import torch
