@@ -107,12 +107,12 @@ def main() -> None:
     from nft_fast.machine import cpu_bf16_warning, describe, machine_info
 
     torch.set_num_threads(args.threads)  # what each run had (OMP_NUM_THREADS), for the record
-    machine = machine_info()
+    machine, slow_bf16 = machine_info(), cpu_bf16_warning()
     sh = seen.get("shape", {})
     lines = [f"# Purification quality by step configuration ({args.preset} preset: {sh.get('steps')} steps, "
              f"{sh.get('rounds')} rounds, batch {sh.get('batch_size')}, lr {sh.get('lr')}; {date.today():%Y-%m-%d})", "",
              f"Machine: {describe(machine)}."
-             + (f" Note: {cpu_bf16_warning()}." if cpu_bf16_warning() and any(p == "bf16" for p, _ in configs) else ""),
+             + (f" Note: {slow_bf16}." if slow_bf16 and any(p == "bf16" for p, _ in configs) else ""),
              "", f"Backdoored model: `{run_dir}`. ACC / ASR in %; d = configuration minus `{base}` on the same seed."
              + (f" Runs marked * are taken from {', '.join(f'`{f.name}`' for f in args.prior)}; the others ran "
                 "now." if from_prior else ""),

@@ -53,7 +53,7 @@ import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
 from nft_fast import reference as R  # noqa: E402
 from nft_fast.masks import attach_masks, mask_parameters  # noqa: E402
-from nft_fast.machine import describe as describe_machine, machine_info  # noqa: E402
+from nft_fast.machine import cpu_name, describe as describe_machine, machine_info  # noqa: E402
 from nft_fast.models import ViT, build, default_exclude, vit_dim, vit_patch_size  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -469,12 +469,7 @@ def env_info(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        cpu = platform.processor() or platform.machine()
-        try:
-            cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        name = f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+        name = f"CPU ({cpu_name()}, {torch.get_num_threads()} threads)"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": name, "torch": torch.__version__, "triton": triton_v, "cuda": torch.version.cuda,
