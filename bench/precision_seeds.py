@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def demo_run_dir() -> Path:
     """The demo's cached backdoored model, trained first if the cache lacks it."""
-    from nft_fast.demo import DEMO_SPEC
-    from nft_fast.experiment import cache_dir, cached_run
+    from nft_fast.app.demo import DEMO_SPEC
+    from nft_fast.harness.runs import cache_dir, cached_run
 
     cached_run(DEMO_SPEC)
     return cache_dir() / "runs" / DEMO_SPEC.key()

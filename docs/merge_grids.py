@@ -6,7 +6,7 @@ table per setting, written into docs/purification.md between the GRID markers.
 import json
 from pathlib import Path
 
-from nft_fast.grid import _table
+from nft_fast.harness.grid import _table
 
 root = Path(__file__).parent
 rows = json.loads((root / "grid" / "grid.json").read_text())

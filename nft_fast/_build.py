@@ -110,7 +110,6 @@ def triton_usable() -> bool:
 
 
 def why_unavailable(name: str) -> str:
-    import torch
 
     if name == "cpp":
         return f"the C++ extension was not built ({_load_ext()[1]}); reinstall with a C++ compiler and without NFT_FAST_NO_EXT"

@@ -1,4 +1,5 @@
-"""Shared pieces of the training loops (NFT and the baselines): clean batches and progress bars."""
+"""Shared pieces of the training loops (NFT, the baselines, classifier training): clean data,
+batches and progress bars."""
 from __future__ import annotations
 
 from typing import Iterator, Union
@@ -19,6 +20,36 @@ def fork_rng(device: torch.device):
     """Fork the global RNG (CPU, and ``device`` if a GPU) so seeding it leaves the caller's state alone."""
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
+
+
+def num_samples(data: CleanData) -> int:
+    """Samples in a clean Dataset / DataLoader; an empty clean set is an error."""
+    n = len(data.dataset if isinstance(data, DataLoader) else data)
+    if n == 0:
+        raise ValueError("the clean set is empty")
+    return n
+
+
+def first_batch(data: CleanData) -> tuple:
+    """The first batch of a DataLoader, or a Dataset's first sample as a batch of one."""
+    if isinstance(data, DataLoader):
+        return next(iter(data))
+    x, y = data[0]
+    return torch.as_tensor(x).unsqueeze(0), torch.as_tensor(y).view(1)
+
+
+def infer_num_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Classes read off the model's logits on one sample (train/eval mode restored)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(model_device(model)))
+    finally:
+        model.train(was)
+    if out.dim() != 2:
+        raise ValueError(f"model output must be (batch, classes) logits, got shape {tuple(out.shape)}")
+    return out.shape[1]
 
 
 class Batches:

@@ -1,10 +1,12 @@
-"""Purification hyper-parameters (SPEC section 2 defaults)."""
+"""Purification hyper-parameters; the defaults are the reference (paper) settings."""
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
+
+from . import _checks
 
 _PRECISIONS = ("fp32", "bf16")
 
@@ -66,34 +68,21 @@ class NFTConfig:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> None:
-            raise ValueError(f"NFTConfig: {msg}")
-
-        for name in ("steps", "rounds", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(f"{name} must be a positive integer, got {v!r}")
+        own = "NFTConfig"
+        for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps"):
+            _checks.positive_int(name, getattr(self, name), owner=own)
         if self.steps % self.rounds:
-            bad(f"steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
-        for name in ("adv_steps", "trigger_top", "trigger_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(f"{name} must be a positive integer, got {v!r}")
-        for name in ("lr", "momentum", "eta_min", "mixup_alpha", "reg_coef", "floor_alpha", "floor_beta",
-                     "adv_eps", "adv_weight", "trigger_weight", "trigger_l1", "trigger_min_anomaly", "trigger_blend"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(f"{name} must be a finite non-negative number, got {v!r}")
-        if self.lr <= 0:
-            bad(f"lr must be > 0, got {self.lr}")
-        if self.momentum >= 1:
-            bad(f"momentum must be < 1, got {self.momentum}")
-        if self.floor_alpha > 1:
-            bad(f"floor_alpha must be <= 1 (masks are clamped to [floor, 1]), got {self.floor_alpha}")
-        if self.precision not in _PRECISIONS:
-            bad(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+            raise ValueError(f"NFTConfig: steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
+        for name in ("eta_min", "mixup_alpha", "reg_coef", "floor_beta", "adv_eps", "adv_weight", "trigger_weight",
+                     "trigger_l1", "trigger_min_anomaly", "trigger_blend"):
+            _checks.number(name, getattr(self, name), owner=own)
+        _checks.number("lr", self.lr, lo_open=True, owner=own)
+        _checks.number("momentum", self.momentum, hi=1.0, hi_open=True, owner=own)
+        # masks are clamped to [floor, 1]
+        _checks.number("floor_alpha", self.floor_alpha, hi=1.0, owner=own)
+        _checks.one_of("precision", self.precision, _PRECISIONS, owner=own)
         if self.cuda_graph and ((self.adv_eps > 0 and self.adv_weight > 0) or self.trigger_weight > 0):
-            bad("cuda_graph captures the plain NFT step only: turn off adv_* and trigger_* losses")
+            raise ValueError("NFTConfig: cuda_graph captures the plain NFT step only: turn off adv_* and trigger_* losses")
 
     @property
     def steps_per_round(self) -> int:

@@ -55,15 +55,22 @@ def wants_channels_last(model: nn.Module, setting: Optional[bool] = None) -> boo
     return has_convs(model) if setting is None else bool(setting)
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
+def to_channels_last(model: nn.Module, *, restride_1x1: bool = False) -> nn.Module:
     """4-D parameters/buffers to channels_last and 5-D ones to channels_last_3d, in place
-    (``model.to(memory_format=channels_last)`` refuses 5-D tensors); then :func:`guard_convs`."""
+    (``model.to(memory_format=channels_last)`` refuses 5-D tensors); then :func:`guard_convs`.
+
+    A 1x1 convolution weight is contiguous in both formats and keeps its strides, unless
+    ``restride_1x1`` gives it channels_last strides as ``Tensor.to(memory_format=...)`` does. The
+    memory order is the same, but oneDNN picks its weight-gradient kernels from the strides, so
+    training differs in the last bits: classifier training restrides, so models trained from
+    the same seed stay bit-identical across versions."""
     with torch.no_grad():
         for m in model.modules():
             for store in (m._parameters, m._buffers):
                 for t in store.values():
                     if t is not None and t.dim() in (4, 5):
-                        t.data = t.data.contiguous(memory_format=memory_format(t.dim(), True))
+                        fmt = memory_format(t.dim(), True)
+                        t.data = t.data.to(memory_format=fmt) if restride_1x1 else t.data.contiguous(memory_format=fmt)
     guard_convs(model)
     return model
 

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import layout, ops
+from . import _checks, layout, ops
 from ._bn import bn_buffers, kept
-from ._loop import Batches, fork_rng, model_device, progress_bar
+from ._loop import Batches, first_batch, fork_rng, infer_num_classes, model_device, num_samples, progress_bar
 from .config import NFTConfig
 from .machine import cpu_bf16_warning
 from .evaluation import pgd_linf
@@ -42,8 +42,7 @@ class Purifier:
 
     def __init__(self, model: nn.Module, cfg: Optional[NFTConfig] = None, samples_per_class: float = 1.0) -> None:
         self.cfg = cfg or NFTConfig()
-        if not (isinstance(samples_per_class, (int, float)) and math.isfinite(samples_per_class) and samples_per_class > 0):
-            raise ValueError(f"samples_per_class must be a positive number, got {samples_per_class!r}")
+        _checks.number("samples_per_class", samples_per_class, lo_open=True)
         masks = mask_parameters(model)
         if not masks:
             raise ValueError("model has nothing to mask: it holds no neuron_mask parameters "
@@ -267,26 +266,6 @@ class PurifyResult:
         return {s.name: s.mask.detach().clone() for s in mask_sites(self.model)}
 
 
-def _infer_num_classes(model: nn.Module, x: torch.Tensor) -> int:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x[:1].to(model_device(model)))
-    finally:
-        model.train(was)
-    if out.dim() != 2:
-        raise ValueError(f"model output must be (batch, classes) logits, got shape {tuple(out.shape)}")
-    return out.shape[1]
-
-
-def _first_batch(data) -> tuple:
-    if isinstance(data, DataLoader):
-        return next(iter(data))
-    x, y = data[0]
-    return torch.as_tensor(x).unsqueeze(0), torch.as_tensor(y).view(1)
-
-
 def gather(data, limit: int = 8192) -> tuple:
     """Up to ``limit`` samples of a clean Dataset / DataLoader as ``(x, y)`` tensors (for scans)."""
     xs, ys, n = [], [], 0
@@ -306,9 +285,11 @@ def gather(data, limit: int = 8192) -> tuple:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> None:
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128,
+                   channels_last: Optional[bool] = None) -> None:
     """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average over
-    batches of ``batch_size``), in place; the model's train/eval mode is kept."""
+    batches of ``batch_size``), in place; the model's train/eval mode is kept. Batches are fed
+    in the layout :mod:`nft_fast.layout` picks (``channels_last`` as in :class:`NFTConfig`)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -319,11 +300,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> 
         m.momentum = None
     model.train()
     dev = model_device(model)
-    cl = any(isinstance(m, nn.Conv2d) for m in model.modules()) and x.dim() == 4
+    cl = layout.wants_channels_last(model, channels_last)
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(dev)
-            model(xb.contiguous(memory_format=torch.channels_last) if cl else xb)
+            model(layout.like_model(x[i:i + batch_size].to(dev), cl))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -366,16 +346,14 @@ def purify(
         from .evaluation import evaluate
 
         evaluate_fn = lambda m: evaluate(m, test_loader, poison_loader, target)  # noqa: E731
-    n_data = len(clean_data.dataset if isinstance(clean_data, DataLoader) else clean_data)
-    if n_data == 0:
-        raise ValueError("the clean set is empty")
+    n_data = num_samples(clean_data)
     if not inplace:
         model = copy.deepcopy(model)
     if not mask_parameters(model):
         attach_masks(model, exclude=exclude)
-    x0, _ = _first_batch(clean_data)
+    x0, _ = first_batch(clean_data)
     if num_classes is None:
-        num_classes = _infer_num_classes(model, x0)
+        num_classes = infer_num_classes(model, x0)
     n_c = samples_per_class if samples_per_class is not None else n_data / num_classes
     purifier = Purifier(model, cfg, samples_per_class=n_c)
     spr = cfg.steps_per_round
@@ -427,7 +405,7 @@ def purify(
             history.append(entry)
     bar.close()
     if cfg.bn_recalibrate:
-        recalibrate_bn(model, xs, cfg.batch_size)
+        recalibrate_bn(model, xs, cfg.batch_size, cfg.channels_last)
         if evaluate_fn is not None and history:
             history[-1].update({f"{k}_before_recalibration": v for k, v in history[-1].items()
                                 if k in ("acc", "asr", "ra")})

@@ -15,7 +15,6 @@ over channels) and a pattern ``p`` in the data's value range.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 

@@ -127,10 +127,10 @@ def toy_backdoor(seed: int = 0):
     yields ``(x, y_true)`` of non-target test images (evaluate with ``target=0``)."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nft_fast import data as D
+    from nft_fast.harness import datasets as D
     from nft_fast import models
-    from nft_fast.attacks import BadNets
-    from nft_fast.train import train_classifier
+    from nft_fast.harness.attacks import BadNets
+    from nft_fast.harness.train import train_classifier
 
     xtr, ytr = D.toy_images(1200, num_classes=4, size=12, seed=0)
     attack = BadNets(target=0, num_classes=4)

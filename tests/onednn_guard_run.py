@@ -5,9 +5,9 @@ thread an unguarded run aborts within seconds, with two it hangs. tests/test_one
 runs this in a subprocess, so an abort or a hang fails that test instead of the whole suite.
 
 Usage: python onednn_guard_run.py THREADS STEP[,STEP...] [IMAGE_SIZE (16)]
-  train       nft_fast.train.train_classifier (converts the model to channels_last)
+  train       nft_fast.harness.train.train_classifier (converts the model to channels_last)
   cl          model.to(memory_format=torch.channels_last), as a user would
-  finetune    nft_fast.baselines.finetune (every weight trains)
+  finetune    nft_fast.harness.baselines.finetune (every weight trains)
   inputaware  the input-aware attack's joint training of the model and its generators
   purify      nft_fast.purify (frozen weights)
 """
@@ -21,8 +21,9 @@ size = int(sys.argv[3]) if len(sys.argv) > 3 else 16
 torch.set_num_threads(threads)
 
 import nft_fast  # noqa: E402
-from nft_fast import attacks, baselines, data, layout, models  # noqa: E402
-from nft_fast.train import train_classifier  # noqa: E402
+from nft_fast import layout, models  # noqa: E402
+from nft_fast.harness import attacks, baselines, datasets as data  # noqa: E402
+from nft_fast.harness.train import train_classifier  # noqa: E402
 
 torch.manual_seed(0)
 model = models.build("resnet18", num_classes=4, in_channels=1, width=4, image_size=size)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nft_fast import models
-from nft_fast.attacks import ATTACKS, Attack, InputAware, attack_from_dict, build_attack, train_backdoored
-from nft_fast.data import toy_images
+from nft_fast.harness.attacks import ATTACKS, Attack, InputAware, attack_from_dict, build_attack, train_backdoored
+from nft_fast.harness.datasets import toy_images
 from nft_fast.evaluation import evaluate
 
 STATIC = ["badnets", "blend", "sig", "trojan", "wanet"]
@@ -218,7 +218,7 @@ def test_badnets_training_reaches_high_asr():
 
 
 def test_patch_attacks_stamp_every_frame_of_a_clip():
-    from nft_fast.attacks import BadNets, Blend, Trojan
+    from nft_fast.harness.attacks import BadNets, Blend, Trojan
 
     x = torch.rand(3, 1, 5, 12, 12)
     for cls in (BadNets, Trojan):

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nets
 import nft_fast
-from nft_fast import baselines as B
-from nft_fast import data as D
+from nft_fast.harness import baselines as B
+from nft_fast.harness import datasets as D
 from nft_fast import models
 
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the ``nft-fast`` command line (``nft_fast.cli.main``).
+"""End-to-end tests of the ``nft-fast`` command line (``nft_fast.app.cli.main``).
 
 Everything runs on tiny models (ResNet-18 of width 4 on 8x8 grey images) so the whole
 file takes seconds on a CPU.
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from nft_fast import models
-from nft_fast.cli import main
+from nft_fast.app.cli import main
 from nft_fast.io import load_state_dict, save_state_dict
 
 NUM_CLASSES = 3
@@ -368,7 +368,7 @@ def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
 def test_preset_values_are_kept_unless_given():
     """`--preset strong` is NFTConfig.preset("strong") (400 steps, 2 rounds): the hyper-parameter
     flags replace a preset's value only when given (their old defaults silently overrode it)."""
-    from nft_fast import cli as C
+    from nft_fast.app import cli as C
     from nft_fast.config import NFTConfig
 
     p = C.build_parser()

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from nft_fast import data as D
-from nft_fast.cli import main
+from nft_fast.harness import datasets as D
+from nft_fast.app.cli import main
 from nft_fast.io import load_state_dict
 
 pytestmark = pytest.mark.skipif(not (D.data_dir() / D.FASHION_MNIST_FILES["train"][0]).is_file(),

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from nft_fast import data as D
+from nft_fast.harness import datasets as DS
 
-HAVE_FMNIST = (D.data_dir() / D.FASHION_MNIST_FILES["test"][0]).is_file()
+HAVE_FMNIST = (DS.data_dir() / DS.FASHION_MNIST_FILES["test"][0]).is_file()
 
 
 def write_idx(path, arr):
@@ -21,23 +22,23 @@ def write_idx(path, arr):
 def fake_fmnist(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 50), ("test", 20)):
-        img, lab = D.FASHION_MNIST_FILES[split]
+        img, lab = DS.FASHION_MNIST_FILES[split]
         write_idx(tmp_path / img, rng.integers(0, 256, (n, 28, 28)))
         write_idx(tmp_path / lab, np.arange(n) % 10)
     return tmp_path
 
 
 def test_reads_idx_from_a_data_dir_and_env(fake_fmnist, monkeypatch):
-    x, y = D.fashion_mnist("train", fake_fmnist)
+    x, y = DS.fashion_mnist("train", fake_fmnist)
     assert x.shape == (50, 1, 28, 28) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
     assert torch.equal(y, torch.arange(50) % 10)
     monkeypatch.setenv("NFT_FAST_DATA_DIR", str(fake_fmnist))
-    assert D.fashion_mnist("test")[0].shape == (20, 1, 28, 28)
+    assert DS.fashion_mnist("test")[0].shape == (20, 1, 28, 28)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(D.DataError, match="apt-get install dataset-fashion-mnist"):
-        D.fashion_mnist("train", tmp_path)
+        DS.fashion_mnist("train", tmp_path)
 
 
 def test_truncated_idx_is_an_error(tmp_path):
@@ -45,22 +46,22 @@ def test_truncated_idx_is_an_error(tmp_path):
     with gzip.open(p, "wb") as f:
         f.write(struct.pack(">4B", 0, 0, 8, 2) + struct.pack(">2I", 10, 10) + b"\0" * 7)
     with pytest.raises(D.DataError, match="truncated"):
-        D.read_idx(p)
+        DS.read_idx(p)
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
-    x, y = D.fashion_mnist("test")
+    x, y = DS.fashion_mnist("test")
     assert x.shape == (10000, 1, 28, 28) and torch.equal(y.bincount(), torch.full((10,), 1000))
 
 
 def test_holdout_split_is_disjoint_stratified_and_seeded():
     y = torch.arange(1000) % 10
-    a, c = D.holdout_split(y, 0.05, seed=0)
+    a, c = DS.holdout_split(y, 0.05, seed=0)
     assert a.numel() + c.numel() == 1000 and not set(a.tolist()) & set(c.tolist())
     assert torch.equal(y[c].bincount(), torch.full((10,), 5))
-    a2, c2 = D.holdout_split(y, 0.05, seed=0)
-    assert torch.equal(c, c2) and not torch.equal(c, D.holdout_split(y, 0.05, seed=1)[1])
+    a2, c2 = DS.holdout_split(y, 0.05, seed=0)
+    assert torch.equal(c, c2) and not torch.equal(c, DS.holdout_split(y, 0.05, seed=1)[1])
     one = D.per_class(y[c], 1)
     assert torch.equal(y[c][one].sort().values, torch.arange(10))
     with pytest.raises(D.DataError, match="fewer than"):
@@ -98,7 +99,7 @@ def test_check_clean_set_errors():
 
 
 def test_moving_shapes_label_is_the_motion():
-    x, y = D.moving_shapes(64, frames=6, size=14, obj=3, seed=3)
+    x, y = DS.moving_shapes(64, frames=6, size=14, obj=3, seed=3)
     assert x.shape == (64, 1, 6, 14, 14) and float(x.min()) >= 0 and float(x.max()) <= 1
     for i in range(64):
         # centre of mass of the bright square per frame moves by MOTIONS[y] each frame
@@ -106,9 +107,9 @@ def test_moving_shapes_label_is_the_motion():
         rows = torch.arange(14).float()
         r = (f.sum(2) * rows).sum(1) / f.sum((1, 2))
         c = (f.sum(1) * rows).sum(1) / f.sum((1, 2))
-        dx, dy = D.MOTIONS[int(y[i])]
+        dx, dy = DS.MOTIONS[int(y[i])]
         assert torch.allclose(r[1:] - r[:-1], torch.full((5,), float(dy))), i
         assert torch.allclose(c[1:] - c[:-1], torch.full((5,), float(dx))), i
-    assert torch.equal(D.moving_shapes(8, seed=1)[0], D.moving_shapes(8, seed=1)[0])
+    assert torch.equal(DS.moving_shapes(8, seed=1)[0], DS.moving_shapes(8, seed=1)[0])
     with pytest.raises(ValueError, match="too small"):
-        D.moving_shapes(2, frames=8, size=10, obj=4)
+        DS.moving_shapes(2, frames=8, size=10, obj=4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nft_fast
-from nft_fast import data as D
+from nft_fast.harness import datasets as D
 
 pytestmark = pytest.mark.skipif(not (D.data_dir() / D.FASHION_MNIST_FILES["train"][0]).is_file(),
                                 reason="dataset-fashion-mnist not installed")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (D.data_dir() / D.FASHION_MNIST_FILES["train
 
 @pytest.fixture(scope="module")
 def backdoored(tmp_path_factory):
-    from nft_fast.experiment import BackdoorSpec, load_run, train
+    from nft_fast.harness.runs import BackdoorSpec, load_run, train
 
     spec = BackdoorSpec(attack="badnets", attack_params={"target": 0}, arch="preactresnet18", width=4, epochs=2,
                         train_subset=12000, seed=0)
@@ -27,7 +27,7 @@ def backdoored(tmp_path_factory):
 
 
 def test_nft_lowers_asr_and_keeps_acc(backdoored):
-    from nft_fast.experiment import poison_loader
+    from nft_fast.harness.runs import poison_loader
 
     run = backdoored
     test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)

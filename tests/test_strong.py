@@ -227,7 +227,7 @@ def test_backdoor_likely_rule():
 
 
 def test_clip_triggers_are_shared_by_every_frame():
-    from nft_fast import data as D
+    from nft_fast.harness import datasets as D
     from nft_fast import models
 
     torch.manual_seed(0)

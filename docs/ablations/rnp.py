@@ -2,7 +2,7 @@
 import sys, time, copy, json, math
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch.utils.data import TensorDataset, DataLoader
-from nft_fast.experiment import BackdoorSpec, cached_run, poison_loader
+from nft_fast.harness.runs import BackdoorSpec, cached_run, poison_loader
 from nft_fast.evaluation import evaluate
 from nft_fast.masks import attach_masks, mask_sites, fold_masks, mask_parameters
 from nft_fast import NFTConfig, purify

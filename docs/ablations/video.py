@@ -1,6 +1,6 @@
 import json, time, torch
 from torch.utils.data import TensorDataset
-from nft_fast.experiment import BackdoorSpec, cached_run, poison_loader
+from nft_fast.harness.runs import BackdoorSpec, cached_run, poison_loader
 from nft_fast.evaluation import evaluate
 from nft_fast.trigger import scan, backdoor_likely
 from nft_fast import NFTConfig, purify

@@ -12,6 +12,8 @@ from typing import Callable, Dict, Iterator
 
 import torch
 
+from .. import _build
+
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 _CHOICES = BACKENDS + ("auto",)
 
@@ -34,8 +36,6 @@ def register(op: str, backend: str, fn: Callable) -> Callable:
 
 def backend_available(name: str) -> bool:
     """Whether backend ``name`` can run at all in this process (built and importable)."""
-    from .. import _build
-
     if name == "torch":
         return True
     if name == "cpp":
@@ -51,8 +51,6 @@ def _check(name: str) -> str:
     if name not in _CHOICES:
         raise ValueError(f"unknown backend {name!r}; expected one of {_CHOICES}")
     if name != "auto" and not backend_available(name):
-        from .. import _build
-
         raise BackendUnavailable(f"backend {name!r} is not available here: {_build.why_unavailable(name)}")
     return name
 
@@ -89,8 +87,6 @@ def cuda_launch(device: torch.device):
     """``(module, sms, stream)`` for launching csrc/cuda kernels on tensors of ``device``: nft_fast._C,
     the device's SM count and current stream on a GPU; the emulator module (a 2-SM "GPU", so
     split reductions still have several chunks) and stream 0 for CPU tensors under emulation."""
-    from .. import _build
-
     mod = _build.cuda_ext(device)
     if device.type == "cuda":
         return mod, torch.cuda.get_device_properties(device).multi_processor_count, \
@@ -104,12 +100,8 @@ def _device_ok(backend: str, device: torch.device) -> bool:
     if backend == "cpp":
         return device.type == "cpu"
     if backend == "cuda":
-        from .. import _build
-
         return device.type == "cuda" or (device.type == "cpu" and _build.cuda_emu_enabled())
     if backend == "triton":
-        from .. import _build
-
         return device.type == "cuda" or _build.triton_interpret()
     return False
 
@@ -144,7 +136,7 @@ def implementations() -> Dict[str, tuple]:
 from . import mask_update, masked_bn, masked_layer_norm, masked_neuron, mixup  # noqa: E402,F401
 from .mask_update import mask_update_  # noqa: E402,F401
 from .masked_bn import masked_batch_norm  # noqa: E402,F401
-from .masked_layer_norm import masked_layer_norm  # noqa: E402,F401
+from .masked_layer_norm import masked_layer_norm  # noqa: E402,F401,F811  (the op shadows its module, as before)
 from .masked_neuron import masked_conv, masked_linear  # noqa: E402,F401
 from .mixup import channels_last_format, mixup_batch, mixup_cross_entropy  # noqa: E402,F401
 from .frozen_conv import freeze_convs, frozen_conv, thaw_convs  # noqa: E402,F401

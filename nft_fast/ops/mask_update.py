@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _build
 from . import register, resolve
 
 
@@ -41,8 +42,6 @@ def _check_flat(mask, grad, buf, floor) -> None:
 
 
 def mask_update_cpp(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
-    from .. import _build
-
     _check_flat(mask, grad, buf, floor)
     if mask.dtype != torch.float32:
         return mask_update_torch(mask, grad, buf, floor, lr, momentum, reg_scale)
@@ -85,7 +84,6 @@ def mask_update_op(
 ) -> None:
     """In-place Triton update of ``mask`` and ``buf``; the learning rate is ``lr_tensor`` (read on
     the device) when given, else ``lr``."""
-    from .. import _build
     from ..kernels import mask_update as K
 
     _check_flat(mask, grad, buf, floor)

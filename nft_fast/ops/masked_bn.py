@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _build
 from . import _device_ok, register, resolve
 
 
@@ -203,8 +204,6 @@ def _cuda_launch(x: Tensor, N: int, C: int, S: int, rows: bool):
 def _ext_fwd_impl(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
                   residual: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                   training: bool, eps: float, relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    from .. import _build
-
     rows = _rows_layout(x)
     if rows is None or not _ext_takes(kind, x, weight, bias, mask, residual):
         raise ValueError(f"masked_bn_{kind}_fwd: needs dense fp32/bf16 tensors on the backend's device (NCHW, "
@@ -237,8 +236,6 @@ def _ext_fwd_impl(kind: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 def _ext_bwd_impl(kind: str, dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, mask: Tensor, mean: Tensor,
                   rstd: Tensor, training: bool, relu: bool, need_dx: bool, need_dres: bool) -> List[Tensor]:
-    from .. import _build
-
     rows = _rows_layout(x)
     if rows is None or not _ext_takes(kind, x, weight, None, mask, None):
         raise ValueError(f"masked_bn_{kind}_bwd: needs dense fp32/bf16 tensors on the backend's device, got "

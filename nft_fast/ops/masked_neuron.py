@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _build
 from . import register, resolve
 
 
@@ -56,8 +57,6 @@ def _out_dtype(z_dtype: torch.dtype, mask: Tensor, bias: Optional[Tensor]) -> to
 
 
 def _check_runnable(name: str, *tensors: Optional[Tensor]) -> None:
-    from .. import _build
-
     for t in tensors:
         if t is not None and t.device.type != "cuda" and not (t.device.type == "cpu" and _build.triton_interpret()):
             raise ValueError(f"{name}: triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {t.device}")

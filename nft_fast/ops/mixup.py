@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import memory_format as channels_last_format
+from .. import _build
 from . import _device_ok, register, resolve
 
 Lam = Union[float, torch.Tensor]
@@ -246,8 +247,6 @@ def _batch_cpp_takes(x: torch.Tensor, dtype: torch.dtype, lam_t: Optional[torch.
 
 def _batch_cpp_impl(x: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor], lam: float,
                     dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    from .. import _build
-
     if not _batch_cpp_takes(x, dtype, lam_t) or perm.device.type != "cpu":
         raise ValueError(f"mixup_batch_cpp: needs non-empty fp32/bf16 CPU tensors, got {x.dtype} -> {dtype} "
                          f"on {x.device}")
@@ -279,8 +278,6 @@ def _ce_cpp_takes(logits: torch.Tensor, lam_t: Optional[torch.Tensor]) -> bool:
 
 def _ce_cpp_fwd_impl(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam_t: Optional[torch.Tensor],
                      lam: float, need_grad: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    from .. import _build
-
     if not _ce_cpp_takes(logits, lam_t):
         raise ValueError(f"mixup_ce_cpp_fwd: needs fp32/bf16 CPU logits, got {logits.dtype} on {logits.device}")
     lam, oml = _lam_pair(lam_t, lam)

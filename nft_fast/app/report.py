@@ -7,8 +7,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .io import write_json, write_text
-from .machine import describe
+from ..io import write_json, write_text
+from ..machine import describe
 
 
 def _pct(v) -> str:

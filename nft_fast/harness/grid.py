@@ -8,16 +8,17 @@ image per class (``oneshot``), and record ACC / ASR / RA. Averages are drops in 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List, Optional, Sequence, Union
 
 from torch.utils.data import TensorDataset
 
-from .evaluation import evaluate
-from .experiment import BackdoorSpec, cached_run, poison_loader
-from .io import write_json, write_text
-from .trigger import scan
+from ..evaluation import evaluate
+from .runs import BackdoorSpec, cached_run, poison_loader
+from ..io import write_json, write_text
+from ..trigger import scan
 
 SETTINGS = {"1pct": None, "oneshot": 1}
 
@@ -78,47 +79,75 @@ def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str,
     write_json(out / "grid.json", rows)
 
 
-def run_grid(args) -> List[dict]:
+def _grid_command(**kw) -> str:
+    """The ``nft-fast grid`` command line that reproduces a grid (written above its tables)."""
+    return "nft-fast grid " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kw.items() if v is not None)
+
+
+def _run_row(attack: str, setting: str, defense: str, run, x, y, test, poison, base: dict,
+             signal: bool, signal_steps: int, seed: int, progress: bool) -> dict:
+    """One defense on one backdoored model and clean set: ACC/ASR/RA, time, scan signals."""
     from .baselines import run_defense
 
-    attacks = [a for a in args.attacks.split(",") if a]
-    defenses = [d for d in args.defenses.split(",") if d]
-    settings = [s for s in args.settings.split(",") if s]
+    t0 = time.perf_counter()
+    res = run_defense(defense, run.model, TensorDataset(x, y), progress=progress)
+    seconds = time.perf_counter() - t0
+    model = res.folded() if hasattr(res, "folded") else res.model
+    m = evaluate(model, test, poison)
+    row = {"attack": attack, "setting": setting, "defense": defense, "clean_samples": int(x.shape[0]),
+           "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "seconds": seconds,
+           "acc_before": base["acc"], "asr_before": base["asr"], "ra_before": base["ra"]}
+    scan0 = next((h["scan"] for h in res.history if isinstance(h, dict) and "scan" in h), None)
+    if scan0:  # the purifier's own scan of the backdoored model
+        row["anomaly_before"] = scan0["trigger_anomaly"]
+        row["suspect_before"] = scan0["trigger_suspect"]
+    if signal:  # the poison-free trust signal, next to the ASR it should track
+        sig = scan(model, x, y, steps=signal_steps, seed=seed).summary()
+        row.update({k: sig[k] for k in ("trigger_anomaly", "trigger_suspect", "trigger_norm", "trigger_median_norm")})
+    return row
+
+
+def run_grid(
+    out: Union[str, os.PathLike],
+    *,
+    attacks: Sequence[str] = ("badnets", "blend", "trojan", "sig", "wanet", "inputaware"),
+    defenses: Sequence[str] = ("none", "ft", "ft_mixup", "anp", "nft"),
+    settings: Sequence[str] = ("1pct", "oneshot"),
+    dataset: str = "fashion-mnist",
+    arch: str = "preactresnet18",
+    width: int = 8,
+    epochs: int = 5,
+    train_subset: Optional[int] = None,
+    seed: int = 0,
+    signal: Sequence[str] = (),
+    signal_steps: int = 100,
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: bool = True,
+) -> List[dict]:
+    """Train (or reuse) one backdoored model per attack, run every defense in every clean-data
+    setting, and write ``grid.md`` / ``grid.json`` into ``out`` after each row."""
+    attacks, defenses, settings, signal = list(attacks), list(defenses), list(settings), list(signal)
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown settings {bad}; known: {', '.join(SETTINGS)}")
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    command = ("nft-fast grid " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                          if k in ("attacks", "defenses", "settings", "dataset", "arch", "width", "epochs", "train_subset", "seed", "signal", "out") and v is not None))
-    signal_for = [d for d in (getattr(args, "signal", None) or "").split(",") if d]
+    join = ",".join
+    command = _grid_command(attacks=join(attacks), defenses=join(defenses), settings=join(settings), dataset=dataset,
+                            arch=arch, width=width, epochs=epochs, train_subset=train_subset, seed=seed,
+                            signal=join(signal) if signal else None, out=str(out))
     rows: List[dict] = []
     for attack in attacks:
-        spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=args.arch, width=args.width,
-                            dataset=getattr(args, "dataset", None) or "fashion-mnist",
-                            epochs=args.epochs, seed=args.seed, train_subset=args.train_subset)
-        run = cached_run(spec, args.data_dir, progress=not args.no_progress)
+        spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=arch, width=width, dataset=dataset,
+                            epochs=epochs, seed=seed, train_subset=train_subset)
+        run = cached_run(spec, data_dir, progress=progress)
         test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)
         base = evaluate(run.model, test, poison)
         for setting in settings:
-            x, y = run.data.clean_set(per_class=SETTINGS[setting], seed=args.seed)
+            x, y = run.data.clean_set(per_class=SETTINGS[setting], seed=seed)
             for d in defenses:
-                t0 = time.perf_counter()
-                res = run_defense(d, run.model, TensorDataset(x, y), progress=not args.no_progress)
-                seconds = time.perf_counter() - t0
-                model = res.folded() if hasattr(res, "folded") else res.model
-                m = evaluate(model, test, poison)
-                row = {"attack": attack, "setting": setting, "defense": d, "clean_samples": int(x.shape[0]),
-                       "acc": m["acc"], "asr": m["asr"], "ra": m["ra"], "seconds": seconds,
-                       "acc_before": base["acc"], "asr_before": base["asr"], "ra_before": base["ra"]}
-                scan0 = next((h["scan"] for h in res.history if isinstance(h, dict) and "scan" in h), None)
-                if scan0:  # the purifier's own scan of the backdoored model
-                    row["anomaly_before"] = scan0["trigger_anomaly"]
-                    row["suspect_before"] = scan0["trigger_suspect"]
-                if d in signal_for:  # the poison-free trust signal, next to the ASR it should track
-                    sig = scan(model, x, y, steps=args.signal_steps, seed=args.seed).summary()
-                    row.update({k: sig[k] for k in ("trigger_anomaly", "trigger_suspect", "trigger_norm",
-                                                    "trigger_median_norm")})
+                row = _run_row(attack, setting, d, run, x, y, test, poison, base, d in signal, signal_steps, seed,
+                               progress)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_tables(rows, defenses, out, command, title=f"{spec.dataset} / {spec.arch} (width {spec.width})")

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import guard_convs
+from ..layout import guard_convs
 
 _EPS = 1e-7
 
@@ -485,7 +485,7 @@ def train_backdoored(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, rat
     """
     if isinstance(attack, InputAware):
         return attack.train_jointly(model, x, y, rate, epochs, batch_size, lr, seed, progress)
-    from .data import ArrayDataset
+    from ..data import ArrayDataset
     from .train import train_classifier
 
     t0 = time.perf_counter()

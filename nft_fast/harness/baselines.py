@@ -21,20 +21,20 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from .layout import guard_convs
-from ._loop import Batches, CleanData, fork_rng, model_device, progress_bar
-from .config import PRESETS, NFTConfig
-from .masks import MASK_NAME, attach_masks, fold_masks, mask_sites
-from .ops import use_backend
-from .purifier import PurifyResult, _first_batch, _infer_num_classes, purify
+from ..layout import guard_convs
+from .. import _checks
+from .._loop import Batches, CleanData, first_batch, fork_rng, infer_num_classes, model_device, num_samples, progress_bar
+from ..config import PRESETS, NFTConfig
+from ..masks import MASK_NAME, attach_masks, fold_masks, mask_sites
+from ..ops import use_backend
+from ..purifier import PurifyResult, purify
 
 __all__ = [
     "finetune", "anp", "anp_prune", "anp_selection", "ANPResult", "ANPTrainer",
@@ -46,29 +46,9 @@ EvaluateFn = Optional[Callable[[nn.Module], Dict[str, float]]]
 
 # --- shared helpers ---------------------------------------------------------------------
 
-def _num_data(data: CleanData) -> int:
-    n = len(data.dataset if isinstance(data, DataLoader) else data)
-    if n == 0:
-        raise ValueError("the clean set is empty")
-    return n
-
-
 def _samples_per_class(model: nn.Module, data: CleanData, n_data: int) -> float:
     """``len(clean_set) / num_classes`` (classes read off the model's output on one sample)."""
-    return n_data / _infer_num_classes(model, _first_batch(data)[0])
-
-
-def _check_positive_int(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def _check_number(name: str, v, lo: float = 0.0, hi: float = math.inf, lo_open: bool = False) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise ValueError(f"{name} must be a finite number in {rng}, got {v!r}")
+    return n_data / infer_num_classes(model, first_batch(data)[0])
 
 
 def _round_bounds(steps: int, rounds: int) -> List[int]:
@@ -106,14 +86,14 @@ def finetune(
     (a masked input has its masks folded in first) in the input's train/eval mode.
     """
     for name, v in (("steps", steps), ("batch_size", batch_size), ("rounds", rounds)):
-        _check_positive_int(name, v)
+        _checks.positive_int(name, v)
     if rounds > steps:
         raise ValueError(f"rounds ({rounds}) must not exceed steps ({steps})")
-    _check_number("lr", lr, lo_open=True)
-    _check_number("momentum", momentum, hi=1.0)
-    _check_number("weight_decay", weight_decay)
-    _check_number("mixup_alpha", mixup_alpha)
-    n_data = _num_data(clean_data)
+    _checks.number("lr", lr, lo_open=True)
+    _checks.number("momentum", momentum, hi=1.0)
+    _checks.number("weight_decay", weight_decay)
+    _checks.number("mixup_alpha", mixup_alpha)
+    n_data = num_samples(clean_data)
     was_training = model.training
     net = fold_masks(model)  # a deep copy (masks, if any, folded in)
     for p in net.parameters():
@@ -195,11 +175,11 @@ class ANPTrainer:
 
     def __init__(self, model: nn.Module, *, eps: float = 0.4, pgd_steps: int = 1, anp_alpha: float = 0.2,
                  mask_lr: float = 0.2, momentum: float = 0.9, clip_noise: bool = False, seed: int = 0) -> None:
-        _check_number("eps", eps)
-        _check_positive_int("pgd_steps", pgd_steps)
-        _check_number("anp_alpha", anp_alpha, hi=1.0)
-        _check_number("mask_lr", mask_lr, lo_open=True)
-        _check_number("momentum", momentum, hi=1.0)
+        _checks.number("eps", eps)
+        _checks.positive_int("pgd_steps", pgd_steps)
+        _checks.number("anp_alpha", anp_alpha, hi=1.0)
+        _checks.number("mask_lr", mask_lr, lo_open=True)
+        _checks.number("momentum", momentum, hi=1.0)
         self.sites = mask_sites(model)
         if not self.sites:
             raise ValueError("ANP needs masked norm layers (BatchNorm/LayerNorm with an affine weight); "
@@ -404,14 +384,14 @@ def anp(
     ``result.prune(0.3)`` (or :func:`anp_prune`) prunes again at another threshold
     without re-optimising.
     """
-    _check_positive_int("iters", iters)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("log_every", log_every)
+    _checks.positive_int("iters", iters)
+    _checks.positive_int("batch_size", batch_size)
+    _checks.positive_int("log_every", log_every)
     if prune_by not in _PRUNE_BY:
         raise ValueError(f"prune_by must be one of {_PRUNE_BY}, got {prune_by!r}")
     if prune_by == "threshold":
         anp_selection({}, threshold)  # validates the threshold before the long optimisation
-    n_data = _num_data(clean_data)
+    n_data = num_samples(clean_data)
     base = fold_masks(model)  # a deep copy of the backdoored model (masks, if any, folded in)
     masked = copy.deepcopy(base)
     attach_masks(masked, exclude=exclude)

@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from . import data as D
-from . import models
-from .evaluation import evaluate
-from .io import load_into, load_state_dict, save_state_dict, write_json
+from .. import data as D
+from . import datasets
+from .. import models
+from ..evaluation import evaluate
+from ..io import load_into, load_state_dict, save_state_dict, write_json
 
 DATASETS = ("fashion-mnist", "moving-shapes")
 
@@ -61,13 +62,13 @@ class BackdoorSpec:
 def load_dataset(name: str, root=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """``(x_train, y_train, x_test, y_test, num_classes)``."""
     if name == "fashion-mnist":
-        xtr, ytr = D.fashion_mnist("train", root)
-        xte, yte = D.fashion_mnist("test", root)
+        xtr, ytr = datasets.fashion_mnist("train", root)
+        xte, yte = datasets.fashion_mnist("test", root)
         return xtr, ytr, xte, yte, 10
     if name == "moving-shapes":  # synthetic-motion clips for the video (R3D) experiments
-        xtr, ytr = D.moving_shapes(10000, seed=0)
-        xte, yte = D.moving_shapes(2000, seed=1)
-        return xtr, ytr, xte, yte, len(D.MOTIONS)
+        xtr, ytr = datasets.moving_shapes(10000, seed=0)
+        xte, yte = datasets.moving_shapes(2000, seed=1)
+        return xtr, ytr, xte, yte, len(datasets.MOTIONS)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
@@ -105,7 +106,7 @@ class RunData:
 
 def prepare(spec: BackdoorSpec, root=None) -> RunData:
     xtr, ytr, xte, yte, nc = load_dataset(spec.dataset, root)
-    attacker, clean = D.holdout_split(ytr, spec.clean_fraction, seed=spec.seed)
+    attacker, clean = datasets.holdout_split(ytr, spec.clean_fraction, seed=spec.seed)
     if spec.train_subset is not None:
         attacker = attacker[torch.randperm(attacker.numel(), generator=torch.Generator().manual_seed(spec.seed))[: spec.train_subset]]
     return RunData((xtr[attacker], ytr[attacker]), (xtr[clean], ytr[clean]), (xte, yte), nc)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from typing import Optional
-from argparse import Namespace
 from pathlib import Path
 
-from .experiment import BackdoorSpec, cached_run
-from .config import NFTConfig
+from ..harness.runs import BackdoorSpec, cached_run
+from ..config import NFTConfig
+from .pipeline import purify_to_folder
 from .report import metrics_table
 
 DEMO_SPEC = BackdoorSpec(attack="badnets", attack_params={"target": 0}, arch="preactresnet18", width=8, epochs=4,
@@ -23,19 +23,13 @@ DEMO_SPEC = BackdoorSpec(attack="badnets", attack_params={"target": 0}, arch="pr
 
 def run_demo(out: Path, progress: bool = True, data_dir=None, spec: BackdoorSpec = DEMO_SPEC,
              preset: str = "strong", steps: Optional[int] = None) -> dict:
-    from .cli import run_purify
-
-    cfg = NFTConfig.preset(preset)
-    steps = cfg.steps if steps is None else steps
+    """Train (or reuse) ``spec``'s backdoored model, purify it into ``out`` and print the result."""
+    cfg = NFTConfig.preset(preset) if steps is None else NFTConfig.preset(preset, steps=steps)
+    steps = cfg.steps
     t0 = time.perf_counter()
     run = cached_run(spec, data_dir, progress)
-    args = Namespace(
-        run=str(run.folder), checkpoint=None, arch=None, data=None, out=str(out), test_data=None, poison_data=None,
-        target=0, per_class=None, exclude=None, neurons=False, augment=False, no_progress=not progress,
-        data_dir=data_dir, preset=preset, steps=steps, rounds=cfg.rounds, batch_size=cfg.batch_size, lr=cfg.lr,
-        seed=cfg.seed, precision=cfg.precision, backend="auto",
-    )
-    report = run_purify(args, title=f"NFT demo: {spec.attack} on {spec.dataset}, {spec.arch} (width {spec.width})")
+    report = purify_to_folder(out, run=str(run.folder), data_dir=data_dir, config=cfg, progress=progress,
+                              title=f"NFT demo: {spec.attack} on {spec.dataset}, {spec.arch} (width {spec.width})")
     before = dict(report["before"], seconds=run.run["train_seconds"])
     print()
     print(f"{spec.attack} backdoor, {spec.arch} width {spec.width} on {spec.dataset}; "

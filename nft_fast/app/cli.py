@@ -3,30 +3,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-from torch.utils.data import DataLoader, TensorDataset
-
-from . import models
-from .config import PRESETS, NFTConfig
-from .data import ArrayDataset, DataError, check_clean_set, image_folder, load_arrays, per_class
-from .evaluation import evaluate
-from .io import CheckpointError, load_into, load_state_dict, save_state_dict
-from .machine import machine_info
-from .masks import attach_masks, fold_masks, mask_sites
-from .ops import BackendUnavailable
-from .purifier import purify
-from .report import metrics_table, write_report
-
-OUTPUTS = ("purified.safetensors", "masks.safetensors", "report.json", "report.md")
-
-
-class UsageError(ValueError):
-    """A problem with what the user asked for; reported in one line with exit code 2."""
+from .. import models
+from ..config import PRESETS, NFTConfig
+from ..evaluation import evaluate
+from ..machine import machine_info
+from ..ops import BackendUnavailable
+from .pipeline import UsageError, check_out_dir, inputs_from_files, purify_to_folder
+from .report import metrics_table
 
 
 def _add_cfg_args(p: argparse.ArgumentParser) -> None:
@@ -50,122 +37,13 @@ def _cfg_from(args) -> NFTConfig:
     return NFTConfig.preset(args.preset, seed=args.seed, precision=args.precision, **given)
 
 
-def _check_out_dir(out: Path, inputs: List[Optional[str]]) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".nft-fast-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"output directory {out} cannot be written: {e.strerror or e}") from None
-    ins = {Path(p).resolve() for p in inputs if p}
-    for name in OUTPUTS:
-        if (out / name).resolve() in ins:
-            raise UsageError(f"refusing to overwrite the input file {out / name}: choose another --out")
-
-
-def _loader(*tensors, batch_size: int = 512) -> DataLoader:
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size)
-
-
-def _read_set(path: str, grey: bool = False):
-    """``(x, y, y_target or None)`` from an .npz/.safetensors file or an ImageFolder directory."""
-    if Path(path).is_dir():
-        x, y, _ = image_folder(path, grey=grey)
-        return x, y, None
-    return load_arrays(path)
-
-
-def _load_eval_set(path: str, what: str, like: torch.Tensor):
-    x, y, yt = _read_set(path, grey=like.shape[1] == 1)
-    if not torch.isfinite(x).all():
-        raise DataError(f"the {what} ({path}) has NaN/inf values")
-    if x.shape[1:] != like.shape[1:]:
-        raise DataError(f"the {what} ({path}) has samples of shape {tuple(x.shape[1:])} (channels first), "
-                        f"the clean set {tuple(like.shape[1:])}")
-    return x, y, yt
-
-
-def _inputs_from_files(args):
-    """Model, clean set and evaluation loaders from --checkpoint/--arch/--data (+ --test-data, --poison-data)."""
-    missing = [f"--{n}" for n in ("checkpoint", "arch", "data") if not getattr(args, n)]
-    if missing:
-        raise UsageError(f"give --run DIR, or all of --checkpoint, --arch and --data (missing {', '.join(missing)})")
-    if args.arch not in models.ARCHS:
-        raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
-    state = load_state_dict(args.checkpoint)
-    kw = models.infer_kwargs(args.arch, state)
-    x, y, _ = _read_set(args.data, grey=kw.get("in_channels") == 1)
-    kw = dict(dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1]), **kw)
-    if x.shape[1] != kw["in_channels"]:
-        raise DataError(f"the clean set has {x.shape[1]} channels but the checkpoint expects {kw['in_channels']}")
-    model = models.build(args.arch, **kw)
-    load_into(model, state, f"checkpoint {args.checkpoint} (--arch {args.arch})")
-    test = poison = None
-    if args.test_data:
-        xt, yt, _ = _load_eval_set(args.test_data, "test set", x)
-        test = _loader(xt, yt)
-    if args.poison_data:
-        xp, yp, ytp = _load_eval_set(args.poison_data, "poisoned test set", x)
-        poison = _loader(xp, yp, ytp if ytp is not None else torch.full_like(yp, args.target))
-    return model, args.arch, kw, x, y, test, poison
-
-
-def _inputs_from_run(args):
-    from .experiment import load_run, poison_loader
-
-    run = load_run(args.run, args.data_dir, checkpoint=args.checkpoint)
-    x, y = run.data.clean
-    kw = dict(num_classes=run.data.num_classes, width=run.spec.width)
-    return run.model, run.spec.arch, kw, x, y, run.data.test_loader(), poison_loader(run.attack, run.data)
-
-
-def run_purify(args, title: str = "NFT purification") -> dict:
-    out = Path(args.out)
-    _check_out_dir(out, [args.checkpoint, args.data, args.test_data, args.poison_data,
-                         str(Path(args.run) / "model.safetensors") if args.run else None])
-    model, arch, kw, x, y, test, poison = (_inputs_from_run if args.run else _inputs_from_files)(args)
-    check_clean_set(x, y, kw["num_classes"])
-    if args.per_class is not None:
-        idx = per_class(y, args.per_class, args.seed)
-        x, y = x[idx], y[idx]
-    exclude = tuple(args.exclude) if args.exclude is not None else models.default_exclude(arch)
-    attach_masks(model, exclude=exclude, neurons=args.neurons)
-    sites = mask_sites(model)
-    if not sites:
-        raise UsageError(f"the model has nothing to mask: no affine norm layers{'' if args.neurons else ' (try --neurons to mask Linear/Conv outputs)'}"
-                         f"{' after --exclude ' + ' '.join(exclude) if exclude else ''}")
-    if args.backend != "auto":
-        from .ops import set_backend
-
-        set_backend(args.backend)
-    cfg = _cfg_from(args)
-    before = evaluate(model, test, poison) if (test or poison) else {}
-    result = purify(model, ArrayDataset(x, y, augment=args.augment), cfg, num_classes=kw["num_classes"], inplace=True,
-                    test_loader=test, poison_loader=poison, progress=not args.no_progress)
-    plain = fold_masks(result.model)
-    after = evaluate(plain, test, poison) if (test or poison) else {}
-    save_state_dict(plain.state_dict(), out / "purified.safetensors")
-    save_state_dict({s.name + ".neuron_mask": s.mask.detach() for s in sites}, out / "masks.safetensors")
-    report = {
-        "checkpoint": str(args.checkpoint or Path(args.run) / "model.safetensors"), "run": args.run, "arch": arch,
-        "arch_kwargs": kw, "exclude": list(exclude), "clean_samples": int(x.shape[0]),
-        "samples_per_class": result.samples_per_class, "config": cfg.to_dict(),
-        "mask_layers": len(sites), "mask_entries": sum(s.numel for s in sites),
-        "before": before, "after": dict(after, seconds=result.seconds), "history": result.history,
-        "outputs": {"model": str(out / "purified.safetensors"), "masks": str(out / "masks.safetensors")},
-        "machine": machine_info(),
-    }
-    scan0 = next((h["scan"] for h in result.history if "scan" in h), None)
-    if scan0 is not None:  # the poison-free signal: the same scan on the purified model
-        from .purifier import scan_kwargs
-        from .trigger import backdoor_likely, scan
-
-        after_scan = scan(plain, x, y, **scan_kwargs(cfg)).summary()
-        report["signal"] = {"before": scan0, "after": after_scan, "backdoor_likely": backdoor_likely(scan0, after_scan)}
-    masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
-    write_report(out, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
-    return report
+def run_purify(args: argparse.Namespace, title: str = "NFT purification") -> dict:
+    """:func:`~nft_fast.app.pipeline.purify_to_folder` with the ``purify`` command's arguments."""
+    return purify_to_folder(
+        args.out, run=args.run, checkpoint=args.checkpoint, arch=args.arch, data=args.data, test_data=args.test_data,
+        poison_data=args.poison_data, target=args.target, per_class_k=args.per_class, exclude=args.exclude,
+        neurons=args.neurons, augment=args.augment, data_dir=args.data_dir, config=_cfg_from(args),
+        backend=args.backend, progress=not args.no_progress, title=title)
 
 
 def cmd_purify(args) -> int:
@@ -178,7 +56,7 @@ def cmd_purify(args) -> int:
 
 
 def _spec_from(args):
-    from .experiment import BackdoorSpec
+    from ..harness.runs import BackdoorSpec
 
     params = {"target": args.target, "all2all": args.all2all}
     return BackdoorSpec(attack=args.attack, attack_params=params, arch=args.arch, width=args.width, dataset=args.dataset,
@@ -187,12 +65,12 @@ def _spec_from(args):
 
 
 def cmd_train_backdoor(args) -> int:
-    from .experiment import train
+    from ..harness.runs import train
 
     if args.arch not in models.ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
     out = Path(args.out)
-    _check_out_dir(out, [])
+    check_out_dir(out, [])
     run = train(_spec_from(args), out, args.data_dir, progress=not args.no_progress)
     m = run["metrics"]
     print(metrics_table({f"backdoored ({args.attack})": dict(m, seconds=run["train_seconds"])}))
@@ -201,7 +79,7 @@ def cmd_train_backdoor(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .experiment import load_run, poison_loader
+    from ..harness.runs import load_run, poison_loader
 
     if args.run:
         run = load_run(args.run, args.data_dir, checkpoint=args.checkpoint)
@@ -209,9 +87,9 @@ def cmd_evaluate(args) -> int:
     else:
         if not (args.checkpoint and args.arch and args.test_data):
             raise UsageError("give --run DIR [--checkpoint CKPT], or --checkpoint, --arch and --test-data [--poison-data]")
-        args.data = args.test_data
-        model, _, _, _, _, test, poison = _inputs_from_files(args)
-        m = evaluate(model, test, poison)
+        ins = inputs_from_files(args.checkpoint, args.arch, args.test_data, args.test_data, args.poison_data,
+                                args.target)
+        m = evaluate(ins.model, ins.test, ins.poison)
     print(metrics_table({str(args.checkpoint or Path(args.run) / "model.safetensors"): m}))
     if args.json:
         print(json.dumps(m))
@@ -226,17 +104,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from .grid import run_grid
+    from ..harness.grid import run_grid
 
-    run_grid(args)
+    split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
+    run_grid(args.out, attacks=split(args.attacks), defenses=split(args.defenses), settings=split(args.settings),
+             dataset=args.dataset, arch=args.arch, width=args.width, epochs=args.epochs,
+             train_subset=args.train_subset, seed=args.seed, signal=split(args.signal),
+             signal_steps=args.signal_steps, data_dir=args.data_dir, progress=not args.no_progress)
     return 0
 
 
 def cmd_info(args) -> int:
-    from . import ops
-    from ._build import build_info
+    from .. import ops
+    from .._build import build_info
 
-    from .machine import cpu_bf16_warning
+    from ..machine import cpu_bf16_warning
 
     notes = [n for n in (cpu_bf16_warning(),) if n]
     print(json.dumps({"build": build_info(), "machine": machine_info(), "notes": notes, "ops": ops.implementations()},
