@@ -7,7 +7,7 @@
 #   4. the step bench, every workload, bf16 (bench/step.py, compile rows last under a time budget).
 # Everything lands in bench/results/ (names end in <gpu>_<date>) and is copied to "$OUT" when set.
 # SKIP_SETUP=1 skips step 1 (an installed checkout); STEP_ARGS adds flags to bench/step.py.
-# The microbenchmarks run before the step bench (same outputs as the brief's order): they take
+# The microbenchmarks run before the step bench (the cheap, most informative results first): they take
 # ~30 s, while the step bench fills whatever time is left and stops itself before the deadline.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -107,7 +107,7 @@ def main() -> None:
              "|---:|---:|---|---:|---:|---:|---:|---|"]
     for r in rows:
         ms, key = r.get("median_ms"), (r["width"], r["threads"])
-        ratio = lambda d: f"{ms / d[key]:.3f}" if ms and d.get(key) else "-"  # noqa: E731
+        ratio = lambda d, ms=ms, key=key: f"{ms / d[key]:.3f}" if ms and d.get(key) else "-"
         lines.append(f"| {r['width']} | {r['threads']} | {r['variant']} | {r.get('guarded', '-')} | "
                      f"{f'{ms:.1f}' if ms else '-'} | {ratio(base)} | {ratio(nchw)} | {r['status']} |")
     out = ROOT / "bench" / "results"

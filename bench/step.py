@@ -291,7 +291,8 @@ def make_nft_fast(c: Ctx, backend: str, channels_last: bool, graph: bool = False
         mine = [op for op, per in sorted(used.items()) if backend in per]
         other = [f"{op}({'/'.join(per)})" for op, per in sorted(used.items()) if backend not in per]
         note += f"{backend}: {', '.join(mine) or 'no op'}" + (f"; {', '.join(other)}" if other else "")
-    return step, {"layout": ("channels_last" if c.x.dim() == 4 else "channels_last_3d") if cl else "contiguous", "dtype": prec, "note": note.strip(),
+    layout = ("channels_last" if c.x.dim() == 4 else "channels_last_3d") if cl else "contiguous"
+    return step, {"layout": layout, "dtype": prec, "note": note.strip(),
                   "ops_used": used, "first_ms": first_ms}
 
 
@@ -534,7 +535,8 @@ def markdown(result: dict) -> str:
             lines += [f"error: {w['error']}", ""]
             continue
         lines += [f"{w['num_masks']} mask entries in {w['num_sites']} layers; first masked layer `{w['first_masked']}`", "",
-                  "| variant | ms/step | vs reference | / eager_tuned | / compile | / floor | peak MB | peak / eager_tuned | layout | note |",
+                  "| variant | ms/step | vs reference | / eager_tuned | / compile | / floor | peak MB | peak / eager_tuned "
+                  "| layout | note |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for name, r in w["rows"].items():
             if "median_ms" not in r:

@@ -181,7 +181,8 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, m_ptr, sum_p
         tl.store(dres_ptr + _row_offsets(rows, S, qn, qs)[:, None] + c64[None, :] * qc, dz.to(dres_ptr.dtype.element_ty), mask=m)
     if WRITE_DX:
         rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
-        g = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32) * tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        g = (tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+             * tl.load(m_ptr + cols, mask=cmask, other=0.0).to(tl.float32))
         if BATCH_STATS:
             mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
             x = tl.load(x_ptr + _row_offsets(rows, S, sn, ss)[:, None] + c64[None, :] * sc, mask=m, other=0.0).to(tl.float32)

@@ -11,7 +11,7 @@ from .evaluation import evaluate
 from .masks import MaskSite, attach_masks, fold_masks, mask_parameters, mask_sites
 from .ops import get_backend, set_backend, use_backend
 from .purifier import Purifier, PurifyResult, purify
-from . import reference  # noqa: E402  (the SPEC section-2 oracle)
+from . import reference  # noqa: E402  (the reference NFT: the oracle of every fast path)
 
 __version__ = "0.1.0"
 

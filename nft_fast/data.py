@@ -96,7 +96,8 @@ def per_class(y: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     return torch.cat(out).sort().values
 
 
-def image_folder(root: Union[str, os.PathLike], size: Optional[int] = None, grey: bool = False) -> Tuple[torch.Tensor, torch.Tensor, list]:
+def image_folder(root: Union[str, os.PathLike], size: Optional[int] = None,
+                 grey: bool = False) -> Tuple[torch.Tensor, torch.Tensor, list]:
     """An ImageFolder-style tree (``root/<class>/<image>``) as tensors in [0, 1], labels and class names."""
     from PIL import Image
 

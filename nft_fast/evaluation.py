@@ -1,4 +1,4 @@
-"""ACC / ASR / RA (SPEC section 5)."""
+"""ACC / ASR / RA: clean accuracy, attack success rate and robust accuracy on triggered inputs."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Optional, Union

@@ -39,7 +39,8 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         try:
             obj = load_file(str(path))
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a safetensors file ({e.__class__.__name__})") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a safetensors file "
+                                  f"({e.__class__.__name__})") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -54,7 +55,8 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
             detail = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({detail[:120]})") from None
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint ({e.__class__.__name__}: {str(e)[:120]})") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: corrupt or not a torch checkpoint "
+                                  f"({e.__class__.__name__}: {str(e)[:120]})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -73,7 +75,8 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], what: str = "che
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         parts = []
         if missing:

@@ -1,6 +1,6 @@
 """The fast NFT engine: :class:`Purifier` (one step) and :func:`purify` (the whole loop).
 
-Same semantics as :mod:`nft_fast.reference` (SPEC section 2), computed with less work:
+Same semantics as :mod:`nft_fast.reference` (the authors' algorithm), computed with less work:
 every non-mask weight is frozen (no weight gradients, no data gradient below the first
 mask), the regularizer gradient is applied analytically inside one fused mask update
 over a flat buffer that holds every mask, and nothing unused is computed.
@@ -356,47 +356,21 @@ def purify(
         num_classes = infer_num_classes(model, x0)
     n_c = samples_per_class if samples_per_class is not None else n_data / num_classes
     purifier = Purifier(model, cfg, samples_per_class=n_c)
-    spr = cfg.steps_per_round
     gen = torch.Generator().manual_seed(cfg.seed)
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
-    trig_info: Dict[str, Any] = {}
+    xs = ys = None
     if cfg.trigger_weight > 0 or cfg.bn_recalibrate:  # both need the clean set as tensors
         xs, ys = gather(clean_data)
-    if cfg.trigger_weight > 0:
-        found = scan(model, xs, ys, **scan_kwargs(cfg))
-        trig_info = found.summary()
-        trig_info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
-        if trig_info["trigger_unlearning"]:
-            purifier.triggers = found.ranked()[: cfg.trigger_top]
-            if cfg.trigger_blend > 0:
-                purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
-                                                 **scan_kwargs(cfg)) for t in purifier.triggers]
+    trig_info = _arm_triggers(purifier, xs, ys) if cfg.trigger_weight > 0 else {}
+    if trig_info:
         trig_info["trigger_seconds"] = time.perf_counter() - t_start
     bar = progress_bar(cfg.steps, "NFT", progress)
     with fork_rng(purifier.device):
         torch.manual_seed(cfg.seed)  # transforms of the user's dataset draw from the global RNG
         batches = Batches(clean_data, cfg.batch_size, gen, num_workers)
         for r in range(cfg.rounds):
-            purifier.lr = cfg.round_lr(r)
-            t0 = time.perf_counter()
-            if r > 0 and purifier.triggers and cfg.trigger_refresh:
-                # the masked model's remaining shortcut: warm-started, a third of the steps
-                kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
-                purifier.triggers = [synthesize(model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
-            losses, steps = 0.0, 0
-            for x, y in batches.take(spr):
-                info = purifier.step(x, y)
-                losses += info["loss"]
-                steps += 1
-                bar.update(1)
-                bar.set_postfix(round=r + 1, loss=f"{info['loss']:.3f}", refresh=False)
-            entry: Dict[str, Any] = {
-                "round": r + 1, "lr": purifier.lr, "steps": steps, "loss": losses / max(steps, 1),
-                "reg": purifier.regularizer(), "seconds": time.perf_counter() - t0,
-            }
-            if purifier.triggers:
-                entry.update(trigger_norm=purifier.triggers[0].norm, trigger_success=purifier.triggers[0].success)
+            entry = _run_round(purifier, r, batches, bar, xs, ys)
             if r == 0 and trig_info:
                 entry["scan"] = trig_info
             if evaluate_fn is not None:
@@ -405,10 +379,57 @@ def purify(
             history.append(entry)
     bar.close()
     if cfg.bn_recalibrate:
-        recalibrate_bn(model, xs, cfg.batch_size, cfg.channels_last)
-        if evaluate_fn is not None and history:
-            history[-1].update({f"{k}_before_recalibration": v for k, v in history[-1].items()
-                                if k in ("acc", "asr", "ra")})
-            history[-1].update(evaluate_fn(model))
-            model.train()
+        _recalibrate(model, xs, cfg, history, evaluate_fn)
     return PurifyResult(model, history, time.perf_counter() - t_start, n_c)
+
+
+def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dict[str, Any]:
+    """Scan the clean set for triggers; when one is anomalous enough, hand the ``trigger_top``
+    most suspicious (plus their Blend-style twins) to the purifier to unlearn."""
+    cfg, model = purifier.cfg, purifier.model
+    found = scan(model, xs, ys, **scan_kwargs(cfg))
+    info = found.summary()
+    info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
+    if info["trigger_unlearning"]:
+        purifier.triggers = found.ranked()[: cfg.trigger_top]
+        if cfg.trigger_blend > 0:
+            purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
+                                             **scan_kwargs(cfg)) for t in purifier.triggers]
+    return info
+
+
+def _run_round(purifier: Purifier, r: int, batches: Batches, bar, xs, ys) -> Dict[str, Any]:
+    """Round ``r`` (0-based) of mask learning at its learning rate; its history entry."""
+    cfg = purifier.cfg
+    purifier.lr = cfg.round_lr(r)
+    t0 = time.perf_counter()
+    if r > 0 and purifier.triggers and cfg.trigger_refresh:
+        # the masked model's remaining shortcut: warm-started, a third of the steps
+        kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
+        purifier.triggers = [synthesize(purifier.model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
+    losses, steps = 0.0, 0
+    for x, y in batches.take(cfg.steps_per_round):
+        info = purifier.step(x, y)
+        losses += info["loss"]
+        steps += 1
+        bar.update(1)
+        bar.set_postfix(round=r + 1, loss=f"{info['loss']:.3f}", refresh=False)
+    entry: Dict[str, Any] = {
+        "round": r + 1, "lr": purifier.lr, "steps": steps, "loss": losses / max(steps, 1),
+        "reg": purifier.regularizer(), "seconds": time.perf_counter() - t0,
+    }
+    if purifier.triggers:
+        entry.update(trigger_norm=purifier.triggers[0].norm, trigger_success=purifier.triggers[0].success)
+    return entry
+
+
+def _recalibrate(model: nn.Module, xs: torch.Tensor, cfg: NFTConfig, history: List[Dict[str, Any]],
+                 evaluate_fn) -> None:
+    """Re-estimate BN statistics on the unmixed clean set; the last round's metrics are kept
+    under ``*_before_recalibration`` and replaced by the recalibrated model's."""
+    recalibrate_bn(model, xs, cfg.batch_size, cfg.channels_last)
+    if evaluate_fn is not None and history:
+        history[-1].update({f"{k}_before_recalibration": v for k, v in history[-1].items()
+                            if k in ("acc", "asr", "ra")})
+        history[-1].update(evaluate_fn(model))
+        model.train()

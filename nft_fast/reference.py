@@ -1,4 +1,4 @@
-"""The reference NFT (SPEC section 2): the oracle every fast path is tested against.
+"""The reference NFT (the authors' algorithm, as published): the oracle every fast path is tested against.
 
 Plain, readable PyTorch with the names of the authors' scripts, so code written
 against them runs here. It reproduces the behaviour of the official code, minus its

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import nets
+from tests.helpers import nets
 import nft_fast
 from nft_fast.config import PRESETS
 from nft_fast.purifier import Purifier, gather, recalibrate_bn
@@ -28,7 +28,7 @@ def test_presets():
     assert nft_fast.NFTConfig.preset("strong", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         nft_fast.NFTConfig.preset("fast")
-    d = nft_fast.NFTConfig()  # the reference stays exactly the SPEC defaults
+    d = nft_fast.NFTConfig()  # the reference stays exactly the paper's settings
     assert (d.adv_eps, d.trigger_weight, d.bn_recalibrate) == (0.0, 0.0, False)
     for bad in (dict(adv_eps=-0.1), dict(adv_steps=0), dict(trigger_top=0), dict(trigger_weight=float("nan")),
                 dict(trigger_steps=1.5)):

@@ -1,8 +1,8 @@
 """Mask learning with adversarial inputs (PGD, L-inf) + MixUp."""
-import sys, time, copy, argparse, numpy as np
+import time, copy, argparse, numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from rnp import load, evaluate
-from nft_fast.masks import attach_masks, fold_masks
+from nft_fast.masks import attach_masks
 import os; torch.set_num_threads(int(os.environ.get("NT", "2")))
 ap = argparse.ArgumentParser()
 ap.add_argument("attack"); ap.add_argument("--eps", type=float, default=0.1); ap.add_argument("--k", type=int, default=5)

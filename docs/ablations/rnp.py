@@ -1,11 +1,10 @@
 """Experiment: unlearn-then-recover masks (RNP-style) + NFT stage."""
-import sys, time, copy, json, math
-import torch, torch.nn as nn, torch.nn.functional as F
+import sys, time, copy
+import torch, torch.nn.functional as F
 from torch.utils.data import TensorDataset, DataLoader
-from nft_fast.harness.runs import BackdoorSpec, cached_run, poison_loader
+from nft_fast.harness.runs import BackdoorSpec, cached_run
 from nft_fast.evaluation import evaluate
-from nft_fast.masks import attach_masks, mask_sites, fold_masks, mask_parameters
-from nft_fast import NFTConfig, purify
+from nft_fast.masks import attach_masks
 import os; torch.set_num_threads(int(os.environ.get("NT", "2")))
 
 def load(attack):

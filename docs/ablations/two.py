@@ -1,6 +1,6 @@
 """A: adversarial masks; then C: weight fine-tune (MixUp [+adv]) with masks folded."""
-import sys, time, copy, argparse, numpy as np
-import torch, torch.nn as nn, torch.nn.functional as F
+import time, copy, argparse, numpy as np
+import torch, torch.nn.functional as F
 from rnp import load, evaluate
 from nft_fast.masks import attach_masks, fold_masks
 import os; torch.set_num_threads(int(os.environ.get("NT", "2")))
@@ -17,9 +17,7 @@ x, y = run.data.clean_set(per_class=a.per_class, seed=0)
 print("base", {k: round(v, 4) for k, v in evaluate(run.model, test, pois).items()}, flush=True)
 rng = np.random.default_rng(0); g = torch.Generator().manual_seed(0)
 def make_pgd(net, eps, k):
-    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     def pgd(xb, yb):
-        saved = [b.clone() for m in bns for b in m.buffers()]
         d = (torch.rand(xb.shape, generator=g) * 2 - 1) * eps
         for _ in range(k):
             d.requires_grad_(True)

@@ -1,4 +1,4 @@
-import json, time, torch
+import json, time
 from torch.utils.data import TensorDataset
 from nft_fast.harness.runs import BackdoorSpec, cached_run, poison_loader
 from nft_fast.evaluation import evaluate

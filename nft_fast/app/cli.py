@@ -103,13 +103,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _seeds(args) -> List[int]:
+    if args.seeds is None:
+        return [args.seed]
+    try:
+        return [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+
+
 def cmd_grid(args) -> int:
     from ..harness.grid import run_grid
 
     split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
     run_grid(args.out, attacks=split(args.attacks), defenses=split(args.defenses), settings=split(args.settings),
              dataset=args.dataset, arch=args.arch, width=args.width, epochs=args.epochs,
-             train_subset=args.train_subset, seed=args.seed, signal=split(args.signal),
+             train_subset=args.train_subset, seeds=_seeds(args), signal=split(args.signal),
              signal_steps=args.signal_steps, data_dir=args.data_dir, progress=not args.no_progress)
     return 0
 
@@ -131,10 +140,8 @@ def _add_data_dir(p) -> None:
                                                     "/usr/share/datasets/fashion-mnist)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nft-fast", description="Purify backdoored networks with Neural mask Fine-Tuning (NFT).")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_purify(sub) -> None:
+    """The ``purify`` command."""
     p = sub.add_parser("purify", help="purify a checkpoint with a small clean set",
                        description="Learn NFT masks on a clean set, fold them into the weights and write the purified model "
                                    "(purified.safetensors), the masks and a report (JSON, markdown, plots) into --out. "
@@ -158,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg_args(p)
     p.set_defaults(func=cmd_purify)
 
+
+def _add_train_backdoor(sub) -> None:
+    """The ``train-backdoor`` command."""
     t = sub.add_parser("train-backdoor", help="train a backdoored model on Fashion-MNIST (CPU-sized)",
                        description="Poison the attacker's split (the defender's clean set is held out, disjoint) and train; "
                                    "writes model.safetensors and run.json (attack, splits, metrics) into --out.")
@@ -179,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(t)
     t.set_defaults(func=cmd_train_backdoor)
 
+
+def _add_evaluate(sub) -> None:
+    """The ``evaluate`` command."""
     e = sub.add_parser("evaluate", help="ACC / ASR / RA of a checkpoint",
                        description="Evaluate a run's model (or --checkpoint against a run's test sets), or a checkpoint "
                                    "against .npz test sets.")
@@ -192,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(e)
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_demo(sub) -> None:
+    """The ``demo`` command."""
     d = sub.add_parser("demo", help="end-to-end demo: BadNets on Fashion-MNIST, purified with 1%% clean data",
                        description="Train (or reuse a cached) BadNets PreActResNet-18 on Fashion-MNIST, purify it with NFT "
                                    "on 1%% clean data and print ACC/ASR/RA before and after; writes a report folder.")
@@ -202,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(d)
     d.set_defaults(func=cmd_demo)
 
+
+def _add_grid(sub) -> None:
+    """The ``grid`` command."""
     g = sub.add_parser("grid", help="attacks x defenses table on Fashion-MNIST (one-shot and 1%% clean data)",
                        description="Train (or reuse) one backdoored model per attack, run every defense in one-shot and "
                                    "1%% settings, and write per-attack ACC/ASR/RA with average drops as in the paper's Table 1.")
@@ -214,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=8)
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--train-subset", type=int, default=None)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", default=None, help="comma-separated seeds: one independently trained backdoored model "
+                   "per attack and seed; tables give mean, sd and worst over them (default: --seed)")
+    g.add_argument("--seed", type=int, default=0, help="one seed (the same as --seeds N)")
     g.add_argument("--signal", default=None, help="defenses (comma-separated, 'none' = the backdoored model) whose "
                    "result gets the poison-free trigger-scan signal")
     g.add_argument("--signal-steps", type=int, default=100, help="trigger synthesis steps per class for --signal")
@@ -223,9 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(g)
     g.set_defaults(func=cmd_grid)
 
+
+def _add_info(sub) -> None:
+    """The ``info`` command."""
     i = sub.add_parser("info", help="what was built (C++/CUDA extension, Triton) and which backends serve which op",
                        description="Print build_info() and the op/backend table as JSON.")
     i.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nft-fast", description="Purify backdoored networks with Neural mask Fine-Tuning (NFT).")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_purify(sub)
+    _add_train_backdoor(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    _add_grid(sub)
+    _add_info(sub)
     return ap
 
 

@@ -126,7 +126,8 @@ def _attach(model: nn.Module, arch: str, exclude: Optional[Sequence[str]], neuro
     attach_masks(model, exclude=exclude, neurons=neurons)
     sites = mask_sites(model)
     if not sites:
-        raise UsageError(f"the model has nothing to mask: no affine norm layers{'' if neurons else ' (try --neurons to mask Linear/Conv outputs)'}"
+        hint = "" if neurons else " (try --neurons to mask Linear/Conv outputs)"
+        raise UsageError(f"the model has nothing to mask: no affine norm layers{hint}"
                          f"{' after --exclude ' + ' '.join(exclude) if exclude else ''}")
     return exclude, sites
 

@@ -2,6 +2,7 @@
 mask histogram, ACC/ASR per round)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,6 +24,9 @@ def metrics_table(rows: Dict[str, Dict[str, float]]) -> str:
         lines.append(f"| {name} | {_pct(r.get('acc'))} | {_pct(r.get('asr'))} | {_pct(r.get('ra'))} | "
                      f"{'-' if secs is None else f'{secs:.1f}'} |")
     return "\n".join(lines)
+
+
+NO_PLOTS = 'plots skipped: matplotlib is not installed (pip install "nft_fast[report]")'
 
 
 def _plt():
@@ -98,7 +102,8 @@ def plot_rounds(history: List[dict], before: Dict[str, float], path: Path) -> No
 
 def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]] = None,
                  floors: Optional[Sequence[float]] = None, title: str = "NFT purification") -> List[Path]:
-    """Write report.json, report.md and (when matplotlib is available) the plots; returns the files."""
+    """Write report.json, report.md and the plots; returns the files. Without matplotlib (the
+    ``report`` extra) the plots are skipped with a warning and a note in report.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
@@ -127,6 +132,9 @@ def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]]
         have_plt = True
     except ImportError:
         have_plt = False
+        if masks or report.get("history"):
+            warnings.warn(f"nft_fast: {NO_PLOTS}", stacklevel=2)
+            md += [f"_{NO_PLOTS}_", ""]
     if have_plt and masks:
         names = list(masks)
         plot_masks([masks[n] for n in names], names, floors or [0.0] * len(names), out / "masks_heatmap.png")

@@ -1,4 +1,4 @@
-"""Backdoor attacks (SPEC section 5): poisoned training sets, triggered test sets, and the
+"""Backdoor attacks: poisoned training sets, triggered test sets, and the
 training of backdoored models.
 
 Images are float tensors ``(N, C, H, W)`` in ``[0, 1]``; labels are int64. Every random
@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._loop import progress_bar
 from ..layout import guard_convs
 
 _EPS = 1e-7
@@ -387,11 +388,7 @@ class InputAware(Attack):
         nb = int(round(rate * bs))
         nc = min(int(round(self.cross_ratio * rate * bs)), bs - nb)
         g = torch.Generator().manual_seed(seed)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=(self.mask_epochs + epochs) * steps, desc="train (input-aware)", unit="step", dynamic_ncols=True, disable=None)
+        bar = progress_bar((self.mask_epochs + epochs) * steps, "train (input-aware)", progress)
 
         def batches():
             p1, p2 = torch.randperm(n, generator=g), torch.randperm(n, generator=g)
@@ -400,9 +397,8 @@ class InputAware(Attack):
                 yield x[i1].to(device), y[i1].to(device), x[i2].to(device)
 
         def tick(loss: Tensor) -> None:
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
         t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
@@ -446,8 +442,7 @@ class InputAware(Attack):
                         s.step()
                     tick(loss)
             gen.eval().requires_grad_(False)
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.eval()
         return {"poisoned": nb * steps * epochs, "cross": nc * steps * epochs, "seconds": time.perf_counter() - t0}
 

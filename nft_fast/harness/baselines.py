@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +57,23 @@ def _round_bounds(steps: int, rounds: int) -> List[int]:
 
 
 # --- fine-tuning ---------------------------------------------------------------------------
+
+def _finetune_step(net: nn.Module, opt, sched, x: torch.Tensor, y: torch.Tensor, mixup_alpha: float,
+                   rng: np.random.Generator, gen_perm: torch.Generator) -> float:
+    """One SGD step on the batch (mixed with a shuffled copy of itself when ``mixup_alpha > 0``); the loss."""
+    if mixup_alpha > 0:
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        perm = torch.randperm(x.shape[0], generator=gen_perm).to(x.device)
+        out = net(lam * x + (1 - lam) * x[perm]).float()
+        loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
+    else:
+        loss = F.cross_entropy(net(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
 
 def finetune(
     model: nn.Module,
@@ -119,20 +136,9 @@ def finetune(
             round_lr = opt.param_groups[0]["lr"]
             total, count = 0.0, 0
             for x, y in batches.take(n_steps):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup_alpha > 0:
-                    lam = float(rng.beta(mixup_alpha, mixup_alpha))
-                    perm = torch.randperm(x.shape[0], generator=gen_perm).to(device)
-                    out = net(lam * x + (1 - lam) * x[perm]).float()
-                    loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
-                else:
-                    loss = F.cross_entropy(net(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                v = _finetune_step(net, opt, sched, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                   mixup_alpha, rng, gen_perm)
                 done += 1
-                v = float(loss.detach())
                 if not math.isfinite(v):
                     raise FloatingPointError(f"finetune: non-finite loss ({v}) at step {done}; lower lr or check the data")
                 total += v
@@ -346,6 +352,40 @@ class ANPResult(PurifyResult):
         return anp_prune(self.base_model, self.mask_values, threshold, prune_by=prune_by, prune_k=prune_k)
 
 
+def _anp_round(trainer: ANPTrainer, r: int, batches: Iterator, device: torch.device, bar) -> Dict[str, Any]:
+    """ANP iterations over ``batches``; the history entry: mean losses, natural-batch accuracy,
+    mask statistics."""
+    t0 = time.perf_counter()
+    sums = {"loss": 0.0, "loss_nat": 0.0, "loss_rob": 0.0}
+    correct = seen = count = 0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        info = trainer.step(x, y)
+        for k in sums:
+            sums[k] += info[k]
+        correct += info["correct"]
+        seen += y.shape[0]
+        count += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
+    flat = torch.cat([m.detach().reshape(-1) for m in trainer.masks])
+    entry: Dict[str, Any] = {"round": r + 1, "iter": trainer.steps_done, "steps": count}
+    entry.update({k: v / max(count, 1) for k, v in sums.items()})
+    entry.update(acc=correct / max(seen, 1), mask_mean=float(flat.mean()), mask_min=float(flat.min()),
+                 seconds=time.perf_counter() - t0)
+    return entry
+
+
+def _prune_entry(mask_values: Mapping[str, torch.Tensor], threshold: Optional[float], prune_by: str,
+                 prune_k: Optional[int]) -> Dict[str, Any]:
+    """The ``stage="prune"`` history entry: how many of how many neurons were pruned."""
+    sel = anp_selection(mask_values, threshold, prune_by=prune_by, prune_k=prune_k)
+    return {"stage": "prune", "prune_by": prune_by, "threshold": threshold if prune_by == "threshold" else None,
+            "prune_k": prune_k if prune_by == "number" else None,
+            "pruned": int(sum(int(s.sum()) for s in sel.values())),
+            "num_neurons": int(sum(s.numel() for s in sel.values()))}
+
+
 def anp(
     model: nn.Module,
     clean_data: CleanData,
@@ -410,34 +450,12 @@ def anp(
         batches = Batches(clean_data, batch_size, gen_data)
         masked.train()
         for r, n_steps in enumerate(_round_bounds(iters, math.ceil(iters / log_every))):
-            t0 = time.perf_counter()
-            sums = {"loss": 0.0, "loss_nat": 0.0, "loss_rob": 0.0}
-            correct = seen = count = 0
-            for x, y in batches.take(n_steps):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                info = trainer.step(x, y)
-                for k in sums:
-                    sums[k] += info[k]
-                correct += info["correct"]
-                seen += y.shape[0]
-                count += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{info['loss']:.3f}", refresh=False)
-            flat = torch.cat([m.detach().reshape(-1) for m in trainer.masks])
-            entry: Dict[str, Any] = {"round": r + 1, "iter": trainer.steps_done, "steps": count}
-            entry.update({k: v / max(count, 1) for k, v in sums.items()})
-            entry.update(acc=correct / max(seen, 1), mask_mean=float(flat.mean()), mask_min=float(flat.min()),
-                         seconds=time.perf_counter() - t0)
-            history.append(entry)
+            history.append(_anp_round(trainer, r, batches.take(n_steps), device, bar))
     bar.close()
     mask_values = trainer.mask_values()
     del trainer, masked
     pruned = anp_prune(base, mask_values, threshold, prune_by=prune_by, prune_k=prune_k)
-    sel = anp_selection(mask_values, threshold, prune_by=prune_by, prune_k=prune_k)
-    entry = {"stage": "prune", "prune_by": prune_by, "threshold": threshold if prune_by == "threshold" else None,
-             "prune_k": prune_k if prune_by == "number" else None,
-             "pruned": int(sum(int(s.sum()) for s in sel.values())),
-             "num_neurons": int(sum(s.numel() for s in sel.values()))}
+    entry = _prune_entry(mask_values, threshold, prune_by, prune_k)
     if evaluate_fn is not None:
         entry.update(evaluate_fn(pruned))
     history.append(entry)

@@ -84,7 +84,8 @@ def toy_images(n: int, num_classes: int = 10, size: int = 16, channels: int = 1,
     Prototypes depend only on ``prototype_seed`` so that separately drawn splits share classes.
     """
     gp = torch.Generator().manual_seed(prototype_seed)
-    protos = F.interpolate(torch.rand(num_classes, channels, 4, 4, generator=gp), size=(size, size), mode="bilinear", align_corners=False)
+    protos = F.interpolate(torch.rand(num_classes, channels, 4, 4, generator=gp), size=(size, size), mode="bilinear",
+                           align_corners=False)
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes
     y = y[torch.randperm(n, generator=g)]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 from torch.utils.data import TensorDataset
 
 from ..evaluation import evaluate
@@ -23,6 +24,21 @@ from ..trigger import scan
 SETTINGS = {"1pct": None, "oneshot": 1}
 
 
+def _cell(rs: List[dict]) -> str:
+    """ACC / ASR / RA of one model, or mean +- sd over the seeds' models."""
+    if len(rs) == 1:
+        r = rs[0]
+        return f"{100 * r['acc']:.2f} / {100 * r['asr']:.2f} / {100 * r['ra']:.2f}"
+    return " / ".join(f"{m:.2f} ± {sd:.2f}" for m, sd, _ in (_stats(rs, k) for k in ("acc", "asr", "ra")))
+
+
+def _stats(rs: List[dict], key: str) -> tuple:
+    """(mean, sample sd, worst) of ``key`` in % over ``rs``; worst is the highest ASR, the lowest ACC / RA."""
+    v = np.array([100 * r[key] for r in rs], dtype=np.float64)
+    sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return float(v.mean()), sd, float(v.max() if key == "asr" else v.min())
+
+
 def _table(rows: List[dict], defenses: List[str], setting: str) -> List[str]:
     sel = [r for r in rows if r["setting"] == setting]
     attacks = list(dict.fromkeys(r["attack"] for r in sel))
@@ -31,8 +47,8 @@ def _table(rows: List[dict], defenses: List[str], setting: str) -> List[str]:
     for a in attacks:
         cells = []
         for d in defenses:
-            r = next((r for r in sel if r["attack"] == a and r["defense"] == d), None)
-            cells.append("-" if r is None else f"{100 * r['acc']:.2f} / {100 * r['asr']:.2f} / {100 * r['ra']:.2f}")
+            rs = [r for r in sel if r["attack"] == a and r["defense"] == d]
+            cells.append("-" if not rs else _cell(rs))
         out.append(f"| {a} | " + " | ".join(cells) + " |")
     drops = []
     for d in defenses:
@@ -47,21 +63,43 @@ def _table(rows: List[dict], defenses: List[str], setting: str) -> List[str]:
     return out
 
 
+def _seed_table(rows: List[dict], defenses: List[str], setting: str) -> List[str]:
+    """Per attack and defense over the seeds' models: ASR and ACC mean, sd and worst, ACC drop."""
+    sel = [r for r in rows if r["setting"] == setting]
+    out = ["| attack | defense | models (seeds) | ASR mean | ASR sd | ASR worst | ACC mean | ACC sd | ACC worst | "
+           "ACC drop mean | RA mean | RA worst |", "|---|---|---|" + "---:|" * 9]
+    for a in dict.fromkeys(r["attack"] for r in sel):
+        for d in defenses:
+            rs = [r for r in sel if r["attack"] == a and r["defense"] == d]
+            if not rs:
+                continue
+            asr, acc, ra = _stats(rs, "asr"), _stats(rs, "acc"), _stats(rs, "ra")
+            drop = sum(100 * (r["acc_before"] - r["acc"]) for r in rs) / len(rs)
+            seeds = ",".join(str(r.get("seed", 0)) for r in rs)
+            out.append(f"| {a} | {d} | {len(rs)} ({seeds}) | {asr[0]:.2f} | {asr[1]:.2f} | {asr[2]:.2f} | {acc[0]:.2f} | "
+                       f"{acc[1]:.2f} | {acc[2]:.2f} | {drop:.2f} | {ra[0]:.2f} | {ra[2]:.2f} |")
+    return out
+
+
 def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str, note: str = "",
                  title: str = "Fashion-MNIST") -> None:
     md = [f"# {title} backdoor grid", "",
-          "Per cell: ACC / ASR / RA in %. `none` is the backdoored model. Last row: average ASR drop / ACC drop in "
-          "points over the attacks (the paper's Table 1 reports 95.56 / 1.81 for NFT on CIFAR-10).", "",
+          "Per cell: ACC / ASR / RA in % (mean ± sd over the backdoored models when there are several seeds). "
+          "`none` is the backdoored model. Last row: average ASR drop / ACC drop in points over the attacks "
+          "(and seeds; the paper's Table 1 reports 95.56 / 1.81 for NFT on CIFAR-10).", "",
           f"Regenerate: `{command}`", ""] + ([note, ""] if note else [])
     for setting in dict.fromkeys(r["setting"] for r in rows):
         n = next(r["clean_samples"] for r in rows if r["setting"] == setting)
         md += [f"## {setting} ({n} clean images)", ""] + _table(rows, defenses, setting) + [""]
+        if len({r.get("seed", 0) for r in rows}) > 1:
+            md += [f"### {setting}: over the backdoored models (one per seed; worst = highest ASR, lowest ACC/RA)", ""]
+            md += _seed_table(rows, defenses, setting) + [""]
     sig = [r for r in rows if "trigger_anomaly" in r]
     if sig:
         md += ["## poison-free signal (trigger scan of the defended model) next to ASR", "",
                "Anomaly index of the smallest synthesized trigger (Neural Cleanse MAD rule: above 2 = a class is "
                "reachable with an abnormally small trigger, i.e. a backdoor is likely still there) and its class.", "",
-               "| attack | setting | defense | anomaly before (suspect) | ASR % after | anomaly after | suspect after | "
+               "| attack | setting | defense | anomaly before (class) | ASR % after | anomaly after | flagged class after | "
                "trigger L1 / median after |", "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in sig:
             before = f"{r['anomaly_before']:.2f} ({r['suspect_before']})" if "anomaly_before" in r else "-"
@@ -72,8 +110,10 @@ def write_tables(rows: List[dict], defenses: List[str], out: Path, command: str,
     md += ["## seconds per defense (2 CPU cores)", "", "| attack | setting | " + " | ".join(defenses) + " |",
            "|---|---|" + "---:|" * len(defenses)]
     for (a, s) in dict.fromkeys((r["attack"], r["setting"]) for r in rows):
-        cells = [next((f"{r['seconds']:.0f}" for r in rows if (r["attack"], r["setting"], r["defense"]) == (a, s, d)), "-")
-                 for d in defenses]
+        cells = []
+        for d in defenses:
+            secs = [r["seconds"] for r in rows if (r["attack"], r["setting"], r["defense"]) == (a, s, d)]
+            cells.append(f"{sum(secs) / len(secs):.0f}" if secs else "-")
         md.append(f"| {a} | {s} | " + " | ".join(cells) + " |")
     write_text(out / "grid.md", "\n".join(md) + "\n")
     write_json(out / "grid.json", rows)
@@ -118,15 +158,22 @@ def run_grid(
     width: int = 8,
     epochs: int = 5,
     train_subset: Optional[int] = None,
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     signal: Sequence[str] = (),
     signal_steps: int = 100,
     data_dir: Optional[Union[str, os.PathLike]] = None,
     progress: bool = True,
 ) -> List[dict]:
-    """Train (or reuse) one backdoored model per attack, run every defense in every clean-data
-    setting, and write ``grid.md`` / ``grid.json`` into ``out`` after each row."""
+    """Train (or reuse) one backdoored model per attack and seed, run every defense in every
+    clean-data setting, and write ``grid.md`` / ``grid.json`` into ``out`` after each row.
+
+    A seed makes an independent backdoored model: it seeds the defender/attacker split, the
+    poisoning and the training, and picks the one-shot images. With several seeds the tables
+    give mean ± sd and the worst model per attack and defense."""
     attacks, defenses, settings, signal = list(attacks), list(defenses), list(settings), list(signal)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, at least one, got {seeds}")
     bad = [s for s in settings if s not in SETTINGS]
     if bad:
         raise ValueError(f"unknown settings {bad}; known: {', '.join(SETTINGS)}")
@@ -134,21 +181,25 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     join = ",".join
     command = _grid_command(attacks=join(attacks), defenses=join(defenses), settings=join(settings), dataset=dataset,
-                            arch=arch, width=width, epochs=epochs, train_subset=train_subset, seed=seed,
+                            arch=arch, width=width, epochs=epochs, train_subset=train_subset,
+                            seeds=join(map(str, seeds)),
                             signal=join(signal) if signal else None, out=str(out))
     rows: List[dict] = []
     for attack in attacks:
-        spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=arch, width=width, dataset=dataset,
-                            epochs=epochs, seed=seed, train_subset=train_subset)
-        run = cached_run(spec, data_dir, progress=progress)
-        test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)
-        base = evaluate(run.model, test, poison)
-        for setting in settings:
-            x, y = run.data.clean_set(per_class=SETTINGS[setting], seed=seed)
-            for d in defenses:
-                row = _run_row(attack, setting, d, run, x, y, test, poison, base, d in signal, signal_steps, seed,
-                               progress)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                write_tables(rows, defenses, out, command, title=f"{spec.dataset} / {spec.arch} (width {spec.width})")
+        for seed in seeds:
+            spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=arch, width=width, dataset=dataset,
+                                epochs=epochs, seed=seed, train_subset=train_subset)
+            run = cached_run(spec, data_dir, progress=progress)
+            test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)
+            base = evaluate(run.model, test, poison)
+            for setting in settings:
+                x, y = run.data.clean_set(per_class=SETTINGS[setting], seed=seed)
+                for d in defenses:
+                    row = _run_row(attack, setting, d, run, x, y, test, poison, base, d in signal, signal_steps, seed,
+                                   progress)
+                    row["seed"] = seed
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    write_tables(rows, defenses, out, command,
+                                 title=f"{spec.dataset} / {spec.arch} (width {spec.width})")
     return rows

@@ -108,7 +108,8 @@ def prepare(spec: BackdoorSpec, root=None) -> RunData:
     xtr, ytr, xte, yte, nc = load_dataset(spec.dataset, root)
     attacker, clean = datasets.holdout_split(ytr, spec.clean_fraction, seed=spec.seed)
     if spec.train_subset is not None:
-        attacker = attacker[torch.randperm(attacker.numel(), generator=torch.Generator().manual_seed(spec.seed))[: spec.train_subset]]
+        order = torch.randperm(attacker.numel(), generator=torch.Generator().manual_seed(spec.seed))
+        attacker = attacker[order[: spec.train_subset]]
     return RunData((xtr[attacker], ytr[attacker]), (xtr[clean], ytr[clean]), (xte, yte), nc)
 
 
