@@ -1,12 +1,15 @@
 """Build: pure-Python package + Triton sources (kernels/ -> nft_fast.kernels) + the
-pybind11 extension nft_fast._C compiled from csrc/ by CMake/Ninja, and (same CMake run) the
-CUDA emulator module nft_fast._cuda_emu: the CUDA kernels compiled for the CPU (csrc/emu/).
+pybind11 extension nft_fast._C compiled from csrc/ by CMake/Ninja.
 
 Environment:
-  NFT_FAST_NO_EXT=1       skip the extensions (the package runs on its torch backend)
-  NFT_FAST_NO_CUDA=1      build only the C++ CPU kernels even if nvcc is present
-  NFT_FAST_NO_CUDA_EMU=1  do not build nft_fast._cuda_emu
-A present compiler whose build fails is an error, not a silent fallback.
+  NFT_FAST_NO_EXT=1          skip the extensions (the package runs on its torch backend)
+  NFT_FAST_NO_CUDA=1         build only the C++ CPU kernels even if nvcc is present
+  NFT_FAST_BUILD_CUDA_EMU=1  also build the test tool nft_fast._cuda_emu (same CMake run): the CUDA
+                             kernels compiled for the CPU emulator (csrc/testing/cuda_emu/), which
+                             the tests run them on without a GPU. Off by default: not part of the
+                             product, so a plain install neither builds nor ships it.
+A present compiler whose build fails is an error, not a silent fallback (the emulator included,
+when asked for).
 """
 import os
 import shutil
@@ -25,8 +28,15 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[], optional=optional)
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+EMU = "nft_fast._cuda_emu"
+
+
 def _skip_reason() -> str:
-    if os.environ.get("NFT_FAST_NO_EXT", "0") not in ("", "0"):
+    if _flag("NFT_FAST_NO_EXT"):
         return "NFT_FAST_NO_EXT is set"
     if not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")):
         return "no C++ compiler found"
@@ -43,9 +53,9 @@ class CMakeBuild(build_ext):
         super().run()
 
     def build_extension(self, ext: Extension) -> None:
-        if ext.name == "nft_fast._cuda_emu":  # built by the CMake run of nft_fast._C (optional)
+        if ext.name == EMU:  # built by the CMake run of nft_fast._C, which runs first
             if not Path(self.get_ext_fullpath(ext.name)).exists():
-                print("nft_fast: the CUDA emulator module was not built (see the CMake log)", file=sys.stderr)
+                raise RuntimeError(f"NFT_FAST_BUILD_CUDA_EMU is set but {EMU} was not built (see the CMake log)")
             return
         import pybind11
 
@@ -58,10 +68,16 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
-        if os.environ.get("NFT_FAST_NO_CUDA", "0") not in ("", "0"):
+        if _flag("NFT_FAST_NO_CUDA"):
             args.append("-DNFT_FAST_NO_CUDA=ON")
-        if os.environ.get("NFT_FAST_NO_CUDA_EMU", "0") not in ("", "0"):
-            args.append("-DNFT_FAST_NO_CUDA_EMU=ON")
+        # Always passed (a reused CMake cache must not keep an earlier ON).
+        args.append(f"-DNFT_FAST_BUILD_CUDA_EMU={'ON' if _flag('NFT_FAST_BUILD_CUDA_EMU') else 'OFF'}")
+        if not _flag("NFT_FAST_BUILD_CUDA_EMU"):
+            # An emulator module an earlier build left here (an editable install's package
+            # directory, a reused build/lib) would be stale, and would be installed or shipped.
+            for stale in out_dir.glob("_cuda_emu.*"):
+                print(f"nft_fast: removing {stale} (NFT_FAST_BUILD_CUDA_EMU is not set)", file=sys.stderr)
+                stale.unlink()
         nvcc = shutil.which("nvcc")
         if nvcc and "CUDACXX" not in os.environ:
             args.append(f"-DCMAKE_CUDA_COMPILER={os.path.realpath(nvcc)}")
@@ -73,7 +89,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    # _C first: its CMake run also builds _cuda_emu, which setuptools then only copies (when present).
-    ext_modules=[CMakeExtension("nft_fast._C"), CMakeExtension("nft_fast._cuda_emu", optional=True)],
+    # _C first: its CMake run also builds _cuda_emu when asked, which setuptools then only copies.
+    ext_modules=[CMakeExtension("nft_fast._C")] + ([CMakeExtension(EMU)] if _flag("NFT_FAST_BUILD_CUDA_EMU") else []),
     cmdclass={"build_ext": CMakeBuild},
 )

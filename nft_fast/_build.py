@@ -1,5 +1,6 @@
 """What was built: the pybind11 extension (C++ CPU / CUDA kernels), the CUDA emulator module
-(the CUDA kernels compiled for the CPU, csrc/emu/) and Triton availability."""
+(a test tool, built only with NFT_FAST_BUILD_CUDA_EMU=1: the CUDA kernels compiled for the CPU,
+csrc/testing/cuda_emu/) and Triton availability."""
 from __future__ import annotations
 
 import importlib
@@ -37,12 +38,20 @@ def cuda_compiled() -> bool:
 
 _EMU: Dict[str, tuple] = {}  # a plain memo (not lru_cache): torch.compile traces through it
 
+EMU_BUILD_HINT = ("a test tool, built only on request: NFT_FAST_BUILD_CUDA_EMU=1 pip install "
+                  "--no-build-isolation -e . in a source checkout")
+
 
 def _load_emu() -> tuple:
     if "m" not in _EMU:
         try:
             _EMU["m"] = (importlib.import_module("nft_fast._cuda_emu"), None)
-        except ImportError as e:  # not built (NFT_FAST_NO_CUDA_EMU, unsupported platform) or broken build
+        except ModuleNotFoundError as e:
+            if e.name != "nft_fast._cuda_emu":  # broken build (a dependency missing)
+                _EMU["m"] = (None, str(e))
+            else:  # not built: the default
+                _EMU["m"] = (None, f"nft_fast._cuda_emu is not built ({EMU_BUILD_HINT})")
+        except ImportError as e:  # broken build
             _EMU["m"] = (None, str(e))
     return _EMU["m"]
 
@@ -57,7 +66,8 @@ def cuda_emu_requested() -> bool:
 
 def cuda_emu_enabled() -> bool:
     """The CUDA kernels run on CPU tensors through the emulator: NFT_FAST_CUDA_EMU is set (not
-    "0") and nft_fast._cuda_emu imports. Like TRITON_INTERPRET for triton."""
+    "0") and nft_fast._cuda_emu (built with NFT_FAST_BUILD_CUDA_EMU=1) imports. Like
+    TRITON_INTERPRET for triton."""
     return cuda_emu_requested() and cuda_emu_built()
 
 
@@ -81,8 +91,9 @@ def cuda_ext(device: Any = None) -> Any:
 
 def _emu_reason() -> str:
     if not cuda_emu_requested():
-        return "set NFT_FAST_CUDA_EMU=1 to run them on the CPU emulator"
-    return f"NFT_FAST_CUDA_EMU is set but the emulator module nft_fast._cuda_emu was not built ({_load_emu()[1]})"
+        hint = "" if cuda_emu_built() else f"; {_load_emu()[1]}"
+        return f"set NFT_FAST_CUDA_EMU=1 to run them on the CPU emulator{hint}"
+    return f"NFT_FAST_CUDA_EMU is set but the emulator module cannot be loaded: {_load_emu()[1]}"
 
 
 def triton_interpret() -> bool:

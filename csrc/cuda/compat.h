@@ -1,7 +1,7 @@
 // The one header every csrc/cuda/*.cu includes first. It lets the same kernel source build
 //   - with nvcc into nft_fast._C (real CUDA: __CUDACC__ defined, NFT_CUDA_EMU not), and
 //   - with the host C++ compiler into nft_fast._cuda_emu (-DNFT_CUDA_EMU): the kernels then run
-//     on the CPU under the fiber emulator of csrc/emu/cuda_emu.h (CI has no GPU).
+//     on the CPU under the fiber emulator of csrc/testing/cuda_emu/cuda_emu.h (CI has no GPU).
 //
 // Launch kernels only through NFT_LAUNCH and check with NFT_CHECK_LAUNCH:
 //   NFT_LAUNCH(my_kernel, blocks, threads, stream, a, b, n);
@@ -23,7 +23,7 @@
 
 #if defined(NFT_CUDA_EMU)
 
-#include "../emu/cuda_emu.h"
+#include "../testing/cuda_emu/cuda_emu.h"
 
 // Runs the whole grid synchronously on the calling thread; a launch with an invalid
 // configuration sets the error NFT_CHECK_LAUNCH reports, a failing kernel throws.

@@ -22,6 +22,8 @@ def cmake_build(tmp: Path, targets: List[str], cmake_args: List[str]) -> Dict[st
     args = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DNFT_FAST_OUTPUT_DIR={out}",
             f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             "-DNFT_FAST_NO_CUDA=ON", *cmake_args]
+    if "_cuda_emu" in targets:  # the test tool's target exists only on request
+        args.append("-DNFT_FAST_BUILD_CUDA_EMU=ON")
     if shutil.which("ninja"):
         args += ["-G", "Ninja"]
     for cmd in (args, ["cmake", "--build", str(build), "--target", *targets, "--parallel", str(os.cpu_count() or 2)]):

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from ext_build import cmake_build, load_module_snippet, run_python
 
+from nft_fast import _build
+
 CXX = shutil.which("c++") or shutil.which("g++")
 
 
@@ -35,7 +37,7 @@ def _lib(name):
 # real one loaded when ASan starts (else the first C++ exception aborts the process).
 LIBASAN, LIBSTDCXX = _lib("libasan.so"), _lib("libstdc++.so.6")
 pytestmark = [
-    pytest.mark.skipif(os.environ.get("NFT_FAST_NO_CUDA_EMU", "0") not in ("", "0"), reason="emulator disabled"),
+    pytest.mark.skipif(not _build.cuda_emu_built(), reason=f"the CUDA emulator test tool is off here ({_build.EMU_BUILD_HINT})"),
     pytest.mark.skipif(not (LIBASAN and LIBSTDCXX and shutil.which("cmake")),
                        reason="needs a C++ compiler with libasan, and cmake"),
     pytest.mark.skipif(bool(os.environ.get("NFT_TEST_CUDA_EMU_SO")), reason="already inside the ASan run"),

@@ -1,4 +1,4 @@
-"""The emulator's data-race checker (csrc/emu/cuda_emu.cpp, "racecheck") on the CUDA kernels.
+"""The emulator's data-race checker (csrc/testing/cuda_emu/cuda_emu.cpp, "racecheck") on the CUDA kernels.
 
 A build of nft_fast._cuda_emu with the CMake option NFT_FAST_CUDA_EMU_RACECHECK=ON compiles the
 kernel sources with -fsanitize=thread, whose load/store hooks the emulator implements: two accesses
@@ -16,7 +16,9 @@ import pytest
 import torch
 from ext_build import cmake_build, load_module_snippet, run_python
 
-emu = pytest.importorskip("nft_fast._cuda_emu", reason="CUDA emulator module not built")
+from nft_fast import _build
+
+emu = pytest.importorskip("nft_fast._cuda_emu", reason=f"CUDA emulator module not built ({_build.EMU_BUILD_HINT})")
 pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs on the GPU here, not the emulator"),
     pytest.mark.skipif(bool(os.environ.get("NFT_TEST_CUDA_EMU_SO")), reason="already inside a rebuilt-module run"),

@@ -1,5 +1,5 @@
 """Races and uninitialised shared memory in the CUDA kernels (csrc/cuda/), checked on the CPU
-emulator (csrc/emu/): every kernel runs under the forward, reverse and two random block/thread
+emulator (csrc/testing/cuda_emu/): every kernel runs under the forward, reverse and two random block/thread
 schedules and must give bit-identical results (they are deterministic by design: no atomics, fixed
 reduction orders). A read and a write of one address by two threads (or blocks) between two
 barriers gives a schedule-dependent result, and a read of shared memory the block never wrote
@@ -16,11 +16,12 @@ import torch
 from bn_cases import bn_inputs, bn_run
 from mixup_cases import ce_inputs, loss_and_grad
 
+from nft_fast import _build
 from nft_fast.ops import mask_update as MU
 from nft_fast.ops import masked_bn as MB
 from nft_fast.ops import mixup as M
 
-emu = pytest.importorskip("nft_fast._cuda_emu", reason="CUDA emulator module not built")
+emu = pytest.importorskip("nft_fast._cuda_emu", reason=f"CUDA emulator module not built ({_build.EMU_BUILD_HINT})")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs on the GPU here, not the emulator")
 
 SCHEDULES = [("reverse", 0), ("random", 1), ("random", 2)]

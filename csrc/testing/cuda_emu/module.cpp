@@ -1,12 +1,12 @@
 // pybind11 module nft_fast._cuda_emu: the CUDA host launchers of csrc/cuda/*.cu compiled as C++
-// and run on the CPU by the emulator (csrc/emu/cuda_emu.h), with the same Python interface as in
+// and run on the CPU by the emulator (cuda_emu.h), with the same Python interface as in
 // nft_fast._C (bind_cuda), plus the emulator's own self-test launchers.
 #include <cstdint>
 #include <string>
 
 #include <pybind11/pybind11.h>
 
-#include "../cuda/bind_cuda.h"
+#include "../../cuda/bind_cuda.h"
 #include "cuda_emu.h"
 #include "selftest.h"
 
@@ -20,7 +20,7 @@ T* ptr(std::uintptr_t p) {
 }  // namespace
 
 PYBIND11_MODULE(_cuda_emu, m) {
-  m.doc() = "nft_fast CUDA kernels on the CPU emulator (csrc/emu): for tests without a GPU";
+  m.doc() = "nft_fast CUDA kernels on the CPU emulator (csrc/testing/cuda_emu): a test tool for CI without a GPU";
   nft_fast::bind_cuda(m);
   m.def("switch_backend", []() { return std::string(nft_emu::detail::switch_backend()); },
         "fiber context switch in use: 'asm-x86_64' or 'ucontext'");
@@ -39,7 +39,7 @@ PYBIND11_MODULE(_cuda_emu, m) {
         "(kind, seed) of the current schedule");
 
   namespace st = nft_fast::emu_selftest;
-  py::module_ t = m.def_submodule("selftest", "emulator self-test kernels (tests/ops/test_cuda_emu.py)");
+  py::module_ t = m.def_submodule("selftest", "emulator self-test kernels (tests/cuda_emu/test_emulator.py)");
   t.def("block_sum", [](std::uintptr_t x, std::uintptr_t out, int n, int blocks, int bx, int by) {
     st::block_sum(ptr<const float>(x), ptr<float>(out), n, blocks, bx, by);
   });

@@ -2,7 +2,7 @@
 // (-DNFT_CUDA_EMU, included through csrc/cuda/compat.h) into nft_fast._cuda_emu and run on
 // the CPU in CI, where there is no GPU.
 //
-// Execution model (csrc/emu/cuda_emu.cpp): a launch runs synchronously on the calling thread,
+// Execution model (cuda_emu.cpp): a launch runs synchronously on the calling thread,
 // one block after another; inside a block every CUDA thread is a fiber with its own stack, and
 // a round-robin scheduler resumes a fiber only once the barrier it waits on is complete:
 //   __syncthreads*   every not-yet-exited thread of the block arrived (all at the same
@@ -123,7 +123,7 @@ inline uint3 make_uint3(unsigned int x, unsigned int y, unsigned int z) { return
 #undef NFT_EMU_VEC4
 
 // -------------------------------------------------------------- built-in thread variables
-// Set by the scheduler before it resumes a fiber (csrc/emu/cuda_emu.cpp).
+// Set by the scheduler before it resumes a fiber (cuda_emu.cpp).
 extern uint3 threadIdx;
 extern uint3 blockIdx;
 extern dim3 blockDim;

@@ -1,5 +1,5 @@
-// Launchers of the CUDA emulator's self-test kernels (csrc/emu/selftest.cu), bound in
-// nft_fast._cuda_emu only and exercised by tests/ops/test_cuda_emu.py. All run on stream 0.
+// Launchers of the CUDA emulator's self-test kernels (selftest.cu), bound in
+// nft_fast._cuda_emu only and exercised by tests/cuda_emu/test_emulator.py. All run on stream 0.
 #pragma once
 #include <cstdint>
 
@@ -42,7 +42,7 @@ void uninit_shared(float* out, int blocks, int threads);  // out[t] = s[t | 1], 
 void last_block(int* last, int blocks);  // every block writes its index to *last
 void warp_handoff(const float* x, float* out, bool sync);  // out[t] = s[t ^ 1] after s[t] = x[t], __syncwarp if sync
 void atomic_vs_plain(int* p, int threads, bool plain);  // atomicAdd(p, 1); with plain, thread 0 stores instead
-// Memory errors (tests/ops/test_asan.py) and alignment traps.
+// Memory errors (tests/tools/test_asan.py) and alignment traps.
 void oob_read(const float* x, int n, float* out);                 // out[0] = x[n]: one past the end
 void vec_load(const float* x, int off, float* out, int threads);  // float4 loads at x + off: off % 4 == 0
 }  // namespace emu_selftest

@@ -1,9 +1,9 @@
-// Self-test kernels of the CUDA emulator (tests/ops/test_cuda_emu.py). Kept out of csrc/cuda/,
+// Self-test kernels of the CUDA emulator (tests/cuda_emu/test_emulator.py). Kept out of csrc/cuda/,
 // so only nft_fast._cuda_emu compiles them (never the real CUDA build), but valid CUDA all the
-// same: `nvcc -c -arch=sm_80 csrc/emu/selftest.cu` compiles it.
+// same: `nvcc -c -arch=sm_80 csrc/testing/cuda_emu/selftest.cu` compiles it.
 #include <cstdint>
 
-#include "../cuda/compat.h"
+#include "../../cuda/compat.h"
 #include "selftest.h"
 
 namespace nft_fast {
@@ -208,7 +208,7 @@ __global__ void uninit_shared_kernel(T* __restrict__ out) {
 }
 
 // Reads one element past the end of x (thread 0): an AddressSanitizer build of the emulator
-// must report it (tests/ops/test_cuda_asan.py).
+// must report it (tests/tools/test_asan.py).
 __global__ void oob_read_kernel(const float* __restrict__ x, int n, float* __restrict__ out) {
   if (threadIdx.x == 0) out[0] = x[n];
 }
@@ -227,7 +227,7 @@ __global__ void last_block_kernel(int* __restrict__ last) {
 }
 
 // Lane t writes s[t], then reads lane t ^ 1's slot: ordered by the __syncwarp when `sync`, else a
-// race (the race checker's warp-level case, tests/ops/test_cuda_racecheck.py).
+// race (the race checker's warp-level case, tests/cuda_emu/test_racecheck.py).
 __global__ void warp_handoff_kernel(const float* __restrict__ x, float* __restrict__ out, int sync) {
   NFT_SHARED(float, s, [32]);
   const int t = threadIdx.x;

@@ -1,4 +1,4 @@
-// Runtime of the CUDA emulator (csrc/emu/cuda_emu.h): fibers, the block scheduler, barriers.
+// Runtime of the CUDA emulator (cuda_emu.h): fibers, the block scheduler, barriers.
 //
 // A launch runs its blocks one after another on the calling thread. For each block, every CUDA
 // thread is a fiber on its own stack (a pool of up to 1024 stacks of 128 KiB, mmap'ed once with
@@ -36,7 +36,7 @@
 #define NFT_EMU_RACECHECK 0
 #endif
 
-// AddressSanitizer builds (tests/ops/test_cuda_asan.py): every fiber switch is announced, so ASan
+// AddressSanitizer builds (tests/tools/test_asan.py): every fiber switch is announced, so ASan
 // knows which stack is current (else it reports false stack overflows and cannot unwind throws).
 #if defined(__SANITIZE_ADDRESS__)
 #define NFT_EMU_ASAN 1
@@ -1050,7 +1050,7 @@ void set_racecheck(bool on) {
   if (on && !NFT_EMU_RACECHECK)
     throw std::logic_error(
         "this nft_fast._cuda_emu was built without the race checker: build it with the CMake option "
-        "NFT_FAST_CUDA_EMU_RACECHECK=ON (tests/ops/test_cuda_racecheck.py does)");
+        "NFT_FAST_CUDA_EMU_RACECHECK=ON (tests/cuda_emu/test_racecheck.py does)");
   Runtime& r = rt();
   std::lock_guard<std::mutex> lock(r.mu);
   setup(r);
