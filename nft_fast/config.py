@@ -9,6 +9,7 @@ from typing import Optional
 from . import _checks
 
 _PRECISIONS = ("fp32", "bf16")
+_TRIGGER_KINDS = ("patch", "feature")
 
 
 @dataclass
@@ -56,6 +57,18 @@ class NFTConfig:
     # "auto" preset uses Neural Cleanse's 2.0, so a model without an anomalously small
     # trigger gets the plain reference objective.
     trigger_min_anomaly: float = 0.0
+    # What the unlearning term unlearns (when trigger_weight > 0): "patch" -- the scan's
+    # per-class mask+pattern triggers above; "feature" -- one class-agnostic generator G
+    # (nft_fast.inversion, BTI-DBF style: moves the non-benign features of the last Linear's
+    # input), each step adding ``trigger_weight * CE(model(G(x)), y)`` over the whole batch
+    # (trigger_top, trigger_steps, trigger_l1, trigger_blend and trigger_min_anomaly are
+    # patch-only). inversion_steps: generator steps (a third of them at each refresh);
+    # inversion_eps: bound on the per-sample RMS of G(x) - x, as a fraction of the clean
+    # set's value range; inversion_mask_norm: weight of the benign-mask norm term.
+    trigger_kind: str = "patch"
+    inversion_steps: int = 800
+    inversion_eps: float = 0.07
+    inversion_mask_norm: float = 2.0
     # Re-estimate BatchNorm running statistics on the unmixed clean set after the last
     # round (MixUp batches have a smaller variance than real inputs).
     bn_recalibrate: bool = False
@@ -69,18 +82,20 @@ class NFTConfig:
 
     def __post_init__(self) -> None:
         own = "NFTConfig"
-        for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps"):
+        for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps", "inversion_steps"):
             _checks.positive_int(name, getattr(self, name), owner=own)
         if self.steps % self.rounds:
             raise ValueError(f"NFTConfig: steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
         for name in ("eta_min", "mixup_alpha", "reg_coef", "floor_beta", "adv_eps", "adv_weight", "trigger_weight",
-                     "trigger_l1", "trigger_min_anomaly", "trigger_blend"):
+                     "trigger_l1", "trigger_min_anomaly", "trigger_blend", "inversion_mask_norm"):
             _checks.number(name, getattr(self, name), owner=own)
         _checks.number("lr", self.lr, lo_open=True, owner=own)
+        _checks.number("inversion_eps", self.inversion_eps, lo_open=True, owner=own)
         _checks.number("momentum", self.momentum, hi=1.0, hi_open=True, owner=own)
         # masks are clamped to [floor, 1]
         _checks.number("floor_alpha", self.floor_alpha, hi=1.0, owner=own)
         _checks.one_of("precision", self.precision, _PRECISIONS, owner=own)
+        _checks.one_of("trigger_kind", self.trigger_kind, _TRIGGER_KINDS, owner=own)
         if self.cuda_graph and ((self.adv_eps > 0 and self.adv_weight > 0) or self.trigger_weight > 0):
             raise ValueError("NFTConfig: cuda_graph captures the plain NFT step only: turn off adv_* and trigger_* losses")
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import _checks, layout, ops
+from . import _checks, inversion, layout, ops
 from ._bn import bn_buffers, kept
 from ._loop import Batches, first_batch, fork_rng, infer_num_classes, model_device, num_samples, progress_bar
 from .config import NFTConfig
@@ -146,7 +146,8 @@ class Purifier:
                     total = total + self.cfg.adv_weight * extra["adv_loss"]
                 if use_trig:
                     trig = self.triggers[self.steps_done % len(self.triggers)]
-                    keep = y != trig.target
+                    # a class-agnostic trigger (target None: nft_fast.inversion) keeps the whole batch
+                    keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
                     if bool(keep.any()):
                         xt = trig.apply(x[keep])
                         extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
@@ -387,6 +388,12 @@ def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dic
     """Scan the clean set for triggers; when one is anomalous enough, hand the ``trigger_top``
     most suspicious (plus their Blend-style twins) to the purifier to unlearn."""
     cfg, model = purifier.cfg, purifier.model
+    if cfg.trigger_kind == "feature":
+        trig = inversion.invert(model, xs, ys, **inversion.config_kwargs(cfg))
+        purifier.triggers = [trig]
+        info = inversion.flip_summary(model, xs, trig)
+        info["trigger_unlearning"] = True
+        return info
     found = scan(model, xs, ys, **scan_kwargs(cfg))
     info = found.summary()
     info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
@@ -403,10 +410,15 @@ def _run_round(purifier: Purifier, r: int, batches: Batches, bar, xs, ys) -> Dic
     cfg = purifier.cfg
     purifier.lr = cfg.round_lr(r)
     t0 = time.perf_counter()
+    feature = cfg.trigger_kind == "feature" and bool(purifier.triggers)
     if r > 0 and purifier.triggers and cfg.trigger_refresh:
         # the masked model's remaining shortcut: warm-started, a third of the steps
-        kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
-        purifier.triggers = [synthesize(purifier.model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
+        if feature:
+            kw = inversion.config_kwargs(cfg, refresh=True)
+            purifier.triggers = [inversion.refresh(purifier.model, xs, ys, t, **kw) for t in purifier.triggers]
+        else:
+            kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
+            purifier.triggers = [synthesize(purifier.model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
     losses, steps = 0.0, 0
     for x, y in batches.take(cfg.steps_per_round):
         info = purifier.step(x, y)
@@ -420,6 +432,14 @@ def _run_round(purifier: Purifier, r: int, batches: Batches, bar, xs, ys) -> Dic
     }
     if purifier.triggers:
         entry.update(trigger_norm=purifier.triggers[0].norm, trigger_success=purifier.triggers[0].success)
+    if feature and r == cfg.rounds - 1:
+        # the poison-free signal "after": G refreshed against the purified (masked) model
+        # (before any BN recalibration); history[0]["scan"] holds the one "before"
+        t1 = time.perf_counter()
+        after = inversion.refresh(purifier.model, xs, ys, purifier.triggers[0], **inversion.config_kwargs(cfg, refresh=True))
+        entry["inversion_after"] = inversion.flip_summary(purifier.model, xs, after)
+        entry["inversion_after"]["seconds"] = time.perf_counter() - t1
+        purifier.model.train()
     return entry
 
 

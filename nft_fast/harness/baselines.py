@@ -474,6 +474,8 @@ NFT_ABLATIONS: Dict[str, Dict[str, Any]] = {
     "nft_strong": dict(PRESETS["strong"]),  # + trigger unlearning (NFTConfig.preset("strong"))
     "nft_strong_no_refresh": dict(PRESETS["strong"], trigger_refresh=False),
     "nft_strong_no_mixup": dict(PRESETS["strong"], mixup_alpha=0.0),
+    # strong with the class-agnostic feature-space generator (nft_fast.inversion) as the trigger
+    "nft_feature": dict(PRESETS["strong"], trigger_kind="feature"),
 }
 
 DEFENSES = ("none", "ft", "ft_mixup", "anp") + tuple(NFT_ABLATIONS)
