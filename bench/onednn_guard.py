@@ -83,7 +83,6 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--tag", default=f"onednn_guard_cpu_{date.today():%Y%m%d}")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from nft_fast.machine import describe, machine_info

@@ -13,9 +13,7 @@ if not torch.cuda.is_available():
 # picks the module by device): with a GPU, tests on CPU tensors still check the kernels' logic.
 os.environ.setdefault("NFT_FAST_CUDA_EMU", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/nets.py
-
-# tests/ops/test_asan.py reruns the kernel tests in a process preloaded with ASan, on
+# tests/tools/test_asan.py reruns the kernel tests in a process preloaded with ASan, on
 # AddressSanitizer builds of the extension modules: load those files in place of the installed ones.
 for _name, _var in (("_C", "NFT_TEST_C_SO"), ("_cuda_emu", "NFT_TEST_CUDA_EMU_SO")):
     if os.environ.get(_var):

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import nets
+from tests.helpers import nets
 import nft_fast
 from nft_fast.harness import baselines as B
 from nft_fast.harness import datasets as D

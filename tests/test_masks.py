@@ -9,7 +9,7 @@ import nft_fast
 from nft_fast import reference as R
 from nft_fast.masks import MaskedBatchNorm2d, MaskedLinear
 
-import nets
+from tests.helpers import nets
 
 CASES = {
     "tv_resnet": (lambda: nets.TVResNet(), lambda: torch.randn(4, 3, 32, 32)),

@@ -1,6 +1,6 @@
 """The guard against oneDNN's AVX2 1x1 strided weight-gradient bug (nft_fast.layout).
 
-The end-to-end tests run tests/onednn_guard_run.py in a subprocess with
+The end-to-end tests run tests/helpers/onednn_guard_run.py in a subprocess with
 ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN then picks its AVX2 kernels on any x86 CPU, AVX-512 ones
 included, so the faulty kernel is exercised on every CI machine. An abort or a hang fails the
 test instead of the suite.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from nft_fast import layout, models
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUN = os.path.join(HERE, "onednn_guard_run.py")
+RUN = os.path.join(HERE, "helpers", "onednn_guard_run.py")
 
 x86_onednn = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available(),

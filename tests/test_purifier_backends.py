@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 
 import nft_fast  # noqa: E402
 from nft_fast import ops  # noqa: E402
-from nets import TinyViT, TVResNet, Video3D, user_sequential  # noqa: E402
+from tests.helpers.nets import TinyViT, TVResNet, Video3D, user_sequential  # noqa: E402
 from nft_fast.models import build  # noqa: E402
 
 CASES = {

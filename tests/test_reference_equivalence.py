@@ -10,7 +10,7 @@ from nft_fast import ops
 from nft_fast import reference as R
 from nft_fast.models import resnet18
 
-import nets
+from tests.helpers import nets
 
 N_C = 7.0  # samples per class of the regularizer
 

@@ -3,8 +3,8 @@
 The interpreter (TRITON_INTERPRET=1) checks what a kernel computes, not that it compiles:
 types, layouts and register/shared-memory limits only meet the real compiler on a GPU.
 
-    python tests/ops/sm90_compile.py record LAUNCHES.json   # (interpreter) run the ops, record launches
-    python tests/ops/sm90_compile.py compile LAUNCHES.json  # (no interpreter) compile each for sm_80/sm_90
+    python tests/helpers/sm90_compile.py record LAUNCHES.json   # (interpreter) run the ops, record launches
+    python tests/helpers/sm90_compile.py compile LAUNCHES.json  # (no interpreter) compile each for sm_80/sm_90
 
 `record` runs every op forward and backward on small inputs in fp32 and bf16, NCHW and
 channels_last, and records each distinct launch: the kernel, its argument types and constexpr

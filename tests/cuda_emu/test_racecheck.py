@@ -5,7 +5,7 @@ kernel sources with -fsanitize=thread, whose load/store hooks the emulator imple
 to one byte race when one is a write (or one is atomic and the other not) and nothing orders them
 on a GPU (different blocks of a launch; or one block's threads in the same barrier interval, lanes
 of one warp also with no __syncwarp between). Unlike the schedule checks
-(tests/ops/test_cuda_schedules.py) it sees a race that does not change the result under the
+(tests/cuda_emu/test_schedules.py) it sees a race that does not change the result under the
 schedules tried. Planted races in self-test kernels must be reported with both source lines; then
 the kernel tests rerun with the checker on and must pass.
 """
@@ -14,9 +14,8 @@ import shutil
 
 import pytest
 import torch
-from ext_build import cmake_build, load_module_snippet, run_python
-
 from nft_fast import _build
+from tests.helpers.ext_build import cmake_build, load_module_snippet, run_python
 
 emu = pytest.importorskip("nft_fast._cuda_emu", reason=f"CUDA emulator module not built ({_build.EMU_BUILD_HINT})")
 pytestmark = [
@@ -98,9 +97,8 @@ def test_kernel_tests_pass_under_the_race_checker(race_mod):
     """Every CUDA kernel test on the emulator with the checker on: masked BN (every layout, dtype,
     residual/ReLU case), MixUp batch and CE, the mask update, the schedule checks, the emulator's
     self-tests, and Purifier steps on the cuda backend."""
-    files = ["tests/ops/test_cuda_emu.py", "tests/ops/test_cuda_schedules.py", "tests/ops/test_mixup_cuda.py",
-             "tests/ops/test_masked_bn_cpp.py", "tests/ops/test_mask_update.py", "tests/ops/test_mixup.py",
-             "tests/ops/test_masked_bn.py", "tests/test_purifier_backends.py"]
+    files = ["tests/cuda_emu/test_emulator.py", "tests/cuda_emu/test_schedules.py", "tests/ops/test_mixup.py",
+             "tests/ops/test_masked_bn.py", "tests/ops/test_mask_update.py", "tests/test_purifier_backends.py"]
     r = run_python(race_mod, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", "cuda and not compile"],
                    timeout=1500, NFT_FAST_CUDA_EMU_RACECHECK="1")
     tail = r.stdout[-6000:] + "\n" + r.stderr[-3000:]

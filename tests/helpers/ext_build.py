@@ -1,5 +1,5 @@
 """Build nft_fast's extension modules once more with extra CMake settings (sanitizer builds for
-tests/ops/test_asan.py and tests/ops/test_cuda_racecheck.py), and run Python on them: the
+tests/tools/test_asan.py and tests/cuda_emu/test_racecheck.py), and run Python on them: the
 subprocess's tests/conftest.py loads them in place of the installed ones (NFT_TEST_C_SO,
 NFT_TEST_CUDA_EMU_SO)."""
 import os

@@ -1,5 +1,5 @@
 """Inputs and one forward/backward run of a masked BatchNorm implementation, shared by the
-per-backend tests (tests/ops/test_masked_bn*.py)."""
+tests of every backend (tests/ops/test_masked_bn.py, tests/cuda_emu/test_schedules.py)."""
 import torch
 
 # (shape, memory format): C not a power of two; N*S of 7, 45, 1088 (> 1000), 1d/2d/3d.

@@ -13,13 +13,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from bn_cases import bn_inputs, bn_run
-from mixup_cases import ce_inputs, loss_and_grad
-
 from nft_fast import _build
 from nft_fast.ops import mask_update as MU
 from nft_fast.ops import masked_bn as MB
 from nft_fast.ops import mixup as M
+from tests.helpers.bn_cases import bn_inputs, bn_run
+from tests.helpers.mixup_cases import ce_inputs, loss_and_grad
 
 emu = pytest.importorskip("nft_fast._cuda_emu", reason=f"CUDA emulator module not built ({_build.EMU_BUILD_HINT})")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs on the GPU here, not the emulator")
@@ -41,7 +40,7 @@ def schedule(kind, seed=0):
 @contextmanager
 def racecheck_off():
     """The planted races below are for the schedule checks: the race checker (on in
-    tests/ops/test_cuda_racecheck.py's run of this file) would fail them at once."""
+    tests/cuda_emu/test_racecheck.py's run of this file) would fail them at once."""
     on = emu.racecheck()
     emu.set_racecheck(False)
     try:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from ext_build import load_module_snippet
+from tests.helpers.ext_build import load_module_snippet
 
 import nft_fast
 from nft_fast import _build, ops

@@ -4,7 +4,7 @@ that corrupts the heap in oneDNN's AVX2 kernel (see nft_fast.layout). With one i
 thread an unguarded run aborts within seconds, with two it hangs. tests/test_onednn_guard.py
 runs this in a subprocess, so an abort or a hang fails that test instead of the whole suite.
 
-Usage: python onednn_guard_run.py THREADS STEP[,STEP...] [IMAGE_SIZE (16)]
+Usage: python tests/helpers/onednn_guard_run.py THREADS STEP[,STEP...] [IMAGE_SIZE (16)]
   train       nft_fast.harness.train.train_classifier (converts the model to channels_last)
   cl          model.to(memory_format=torch.channels_last), as a user would
   finetune    nft_fast.harness.baselines.finetune (every weight trains)
