@@ -81,8 +81,11 @@ class CMakeBuild(build_ext):
         nvcc = shutil.which("nvcc")
         if nvcc and "CUDACXX" not in os.environ:
             args.append(f"-DCMAKE_CUDA_COMPILER={os.path.realpath(nvcc)}")
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
+        ninja = shutil.which("ninja")
+        if ninja:
+            # name it: a cached path from an earlier pip build environment (deleted since) would
+            # break a rebuild in the same build folder
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)

@@ -360,7 +360,8 @@ def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["trigger_weight"] > 0 and report["config"]["bn_recalibrate"]
     sig = report["signal"]
-    assert {"trigger_anomaly", "trigger_suspect", "trigger_norm"} <= sig["before"].keys() <= sig["after"].keys() | {"trigger_seconds", "trigger_unlearning"}
+    scan_keys = {"trigger_anomaly", "trigger_suspect", "trigger_norm"}
+    assert scan_keys <= sig["before"].keys() <= sig["after"].keys() | {"trigger_seconds", "trigger_unlearning"}
     assert isinstance(sig["backdoor_likely"], bool) and "Verdict" in (out / "report.md").read_text()
     assert "Poison-free signal" in (out / "report.md").read_text()
 

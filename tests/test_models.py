@@ -1,6 +1,5 @@
 """The model zoo (nft_fast.models): every architecture builds, trains, takes masks, folds and
 round-trips through infer_kwargs; the reference ResNet-18 keeps its keys and mask layout."""
-import copy
 
 import pytest
 import torch

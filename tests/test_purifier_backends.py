@@ -82,7 +82,7 @@ def test_ten_steps_match_torch(case, backend, one_thread):
             else:
                 want, got, rtol = st[n], sf[n], 1e-4
             atol = 1e-3 * want.abs().max().item() if rtol > 1e-4 else 1e-5
-            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"step {i + 1}, {n}: {m}")
+            torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m, i=i, n=n: f"step {i + 1}, {n}: {m}")
     assert (pt.flat_masks() - start).abs().max() > 1e-3, "the masks must move for the comparison to mean anything"
 
 

@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 
 import nft_fast
-from nft_fast import ops
 from nft_fast import reference as R
 from nft_fast.models import resnet18
 

@@ -166,7 +166,7 @@ def test_compile_fullgraph_matches_eager():
 
     xs = [x.clone().requires_grad_() for _ in range(2)]
     outs = [f(xs[0]), torch.compile(f, fullgraph=True)(xs[1])]
-    for o, xi in zip(outs, xs):
+    for o in outs:
         o.backward()
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-5, atol=1e-5)

@@ -466,5 +466,6 @@ def test_triton_gpu_large(dtype, shape, fmt):
     torch.testing.assert_close(rv1, rv0, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(g1["x"].float(), g0["x"].float(), **tol)
     # Mask gradients are sums over N*S values: compare relative to their magnitude.
-    torch.testing.assert_close(g1["m"], g0["m"], rtol=2e-2 if dtype == torch.bfloat16 else 1e-3, atol=1e-2 * g0["m"].abs().max().item())
+    torch.testing.assert_close(g1["m"], g0["m"], rtol=2e-2 if dtype == torch.bfloat16 else 1e-3,
+                               atol=1e-2 * g0["m"].abs().max().item())
 
