@@ -8,10 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-try:
-    from tests.helpers import nets
-except ImportError:  # before the helpers moved under tests/helpers/
-    from tests import nets
+from tests.helpers import nets
 import nft_fast
 from nft_fast import inversion as I
 from nft_fast.config import PRESETS
