@@ -79,6 +79,10 @@ class NFTConfig:
     # replay it; lam, perm, the batch and the learning rate are fed through device buffers.
     # CUDA only, static batch shape, no extra losses (adv_* / trigger_*).
     cuda_graph: bool = False
+    # "videomix": cut-and-mix instead of blending (VideoMix for clips: a spatio-temporal cuboid
+    # of another clip pasted in, its volume share (1 - lam) with lam ~ Beta(mixup_alpha,
+    # mixup_alpha); CutMix's rectangle for images); the labels are weighted by the actual shares.
+    mixup_kind: str = "mixup"
 
     def __post_init__(self) -> None:
         own = "NFTConfig"
@@ -95,6 +99,9 @@ class NFTConfig:
         # masks are clamped to [floor, 1]
         _checks.number("floor_alpha", self.floor_alpha, hi=1.0, owner=own)
         _checks.one_of("precision", self.precision, _PRECISIONS, owner=own)
+        _checks.one_of("mixup_kind", self.mixup_kind, ("mixup", "videomix"), owner=own)
+        if self.cuda_graph and self.mixup_kind != "mixup":
+            raise ValueError("NFTConfig: cuda_graph captures the MixUp step only (mixup_kind='mixup')")
         _checks.one_of("trigger_kind", self.trigger_kind, _TRIGGER_KINDS, owner=own)
         if self.cuda_graph and ((self.adv_eps > 0 and self.adv_weight > 0) or self.trigger_weight > 0):
             raise ValueError("NFTConfig: cuda_graph captures the plain NFT step only: turn off adv_* and trigger_* losses")

@@ -131,7 +131,11 @@ class Purifier:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         perm = perm.to(self.device)
-        loss = self._mixup_loss(x, y, perm, lam)
+        if self.cfg.mixup_kind == "videomix":
+            x_mix, lam = ops.videomix_batch(x, perm, float(lam), self._gen, channels_last=self.channels_last)
+            loss = ops.mixup_cross_entropy(self._forward(x_mix), y, perm, lam)
+        else:
+            loss = self._mixup_loss(x, y, perm, lam)
         self._grad.zero_()
         extra: Dict[str, torch.Tensor] = {}
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0

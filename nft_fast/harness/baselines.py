@@ -471,6 +471,7 @@ NFT_ABLATIONS: Dict[str, Dict[str, Any]] = {
     "nft_no_reg": {"reg_coef": 0.0},        # no |1 - m| regularizer
     "nft_no_floor": {"floor_alpha": 0.0},   # floors mu(l) = 0: masks clamped to [0, 1]
     "nft_adv": {"adv_eps": 0.05},           # + L-inf PGD adversarial inputs in the mask objective
+    "nft_videomix": {"mixup_kind": "videomix"},  # cut-and-mix (VideoMix cuboids for clips)
     "nft_strong": dict(PRESETS["strong"]),  # + trigger unlearning (NFTConfig.preset("strong"))
     "nft_strong_no_refresh": dict(PRESETS["strong"], trigger_refresh=False),
     "nft_strong_no_mixup": dict(PRESETS["strong"], mixup_alpha=0.0),

@@ -138,5 +138,5 @@ from .mask_update import mask_update_  # noqa: E402,F401
 from .masked_bn import masked_batch_norm  # noqa: E402,F401
 from .masked_layer_norm import masked_layer_norm  # noqa: E402,F401,F811  (the op shadows its module, as before)
 from .masked_neuron import masked_conv, masked_linear  # noqa: E402,F401
-from .mixup import channels_last_format, mixup_batch, mixup_cross_entropy  # noqa: E402,F401
+from .mixup import channels_last_format, mixup_batch, mixup_cross_entropy, videomix_batch  # noqa: E402,F401
 from .frozen_conv import freeze_convs, frozen_conv, thaw_convs  # noqa: E402,F401

@@ -474,3 +474,47 @@ def mixup_batch(
 def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, lam: Lam) -> torch.Tensor:
     """Dispatching two-label mixup CE (see :func:`mixup_cross_entropy_torch`)."""
     return resolve("mixup_ce", logits.device)(logits, y, perm, lam)
+
+
+# ----------------------------------------------------------------- VideoMix (cut-and-mix)
+
+
+def videomix_box(spatial: Tuple[int, ...], lam: float, gen: Optional[torch.Generator] = None) -> Tuple[tuple, float]:
+    """A cut-and-mix box for inputs of spatial size ``spatial`` ((T, H, W) clips: a
+    spatio-temporal cuboid, VideoMix; (H, W) images: a CutMix rectangle).
+
+    Each side is ``(1 - lam) ** (1 / len(spatial))`` of its dimension (rounded), placed uniformly
+    (drawn from ``gen``) where it fits whole, so the box's volume share tracks ``1 - lam`` (CutMix
+    clips a box at the border instead, which keeps more of the sample than ``lam`` says).
+    Returns ``(slices, lam_eff)`` where ``lam_eff`` is the share of positions that keep the
+    original sample (the label weight of ``y``)."""
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"videomix: lam must be in [0, 1], got {lam!r}")
+    r = (1.0 - float(lam)) ** (1.0 / len(spatial))
+    box, cut = [], 1
+    for n in spatial:
+        side = int(round(r * n))
+        lo = int(torch.randint(0, n - side + 1, (1,), generator=gen))
+        box.append(slice(lo, lo + side))
+        cut *= side
+    total = 1
+    for n in spatial:
+        total *= n
+    return tuple(box), 1.0 - cut / total
+
+
+def videomix_batch(x: torch.Tensor, perm: torch.Tensor, lam: float, gen: Optional[torch.Generator] = None,
+                   channels_last: bool = False) -> Tuple[torch.Tensor, float]:
+    """VideoMix (Yun et al., 2020), the clip counterpart of MixUp: each sample gets the box of
+    :func:`videomix_box` pasted from sample ``perm[i]``; every frame outside the cuboid and
+    every pixel outside the box stay its own. Returns ``(x_mix, lam_eff)``: train with
+    ``mixup_cross_entropy(logits, y, perm, lam_eff)``. An index copy, so one torch
+    implementation serves every backend."""
+    if x.dim() not in (4, 5):
+        raise ValueError(f"videomix: x must be (N, C, H, W) or (N, C, T, H, W), got shape {tuple(x.shape)}")
+    _check_perm(perm, x.shape[0], x.device, "videomix")
+    box, lam_eff = videomix_box(tuple(x.shape[2:]), lam, gen)
+    out = x.clone(memory_format=channels_last_format(x.dim(), channels_last))
+    idx = (slice(None), slice(None)) + box
+    out[idx] = x[idx][perm]  # gathers the box only
+    return out, lam_eff

@@ -759,3 +759,67 @@ def test_cuda_dispatch_and_compile_fullgraph(lam):
         assert ops.resolved_backend("mixup_ce", DEV) == "cuda"
     compile_fullgraph_check(M.mixup_batch_cuda, M.mixup_cross_entropy_cuda,
                             torch.tensor(0.37, device=DEV) if lam == "tensor" else lam, DEV)
+
+
+# ----------------------------------------------------------------- VideoMix (cut-and-mix)
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 5, 9, 7), (4, 3, 11, 13), (3, 1, 1, 4, 4)])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 0.77, 1.0])
+def test_videomix_pastes_one_box_and_reports_its_share(shape, lam):
+    from nft_fast.ops.mixup import videomix_batch, videomix_box
+
+    x = torch.randn(shape)
+    perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(1))
+    out, lam_eff = videomix_batch(x, perm, lam, torch.Generator().manual_seed(3))
+    again, lam_again = videomix_batch(x, perm, lam, torch.Generator().manual_seed(3))
+    assert torch.equal(again, out) and lam_again == lam_eff, "deterministic given the generator"
+    # the same seed draws the same box: the partner's values inside, the sample's own outside
+    box, share = videomix_box(shape[2:], lam, torch.Generator().manual_seed(3))
+    inside = torch.zeros(shape[2:], dtype=torch.bool)
+    inside[box] = True
+    assert share == lam_eff == pytest.approx(1 - inside.float().mean().item())
+    assert torch.equal(out[:, :, ~inside], x[:, :, ~inside])
+    assert torch.equal(out[:, :, inside], x[perm][:, :, inside])
+    if lam == 1.0:
+        assert lam_eff == 1.0 and torch.equal(out, x)
+    if lam == 0.0:
+        assert lam_eff == 0.0 and torch.equal(out, x[perm])
+
+
+def test_videomix_box_volume_follows_lam():
+    from nft_fast.ops.mixup import videomix_box
+
+    g = torch.Generator().manual_seed(0)
+    for lam in (0.1, 0.5, 0.9):  # the box fits whole: its share is 1 - lam up to the sides' rounding
+        assert videomix_box((16, 64, 64), lam, g)[1] == pytest.approx(lam, abs=0.05)
+    assert videomix_box((8, 8, 8), 1.0, g)[1] == 1.0 and videomix_box((8, 8, 8), 0.0, g)[1] == 0.0
+    with pytest.raises(ValueError, match="lam"):
+        videomix_box((4, 4), 1.5, g)
+
+
+def test_videomix_rejects_bad_input():
+    from nft_fast.ops.mixup import videomix_batch
+
+    with pytest.raises(ValueError, match="videomix: x must be"):
+        videomix_batch(torch.zeros(2, 3, 4), torch.arange(2), 0.5)
+    with pytest.raises(ValueError, match="perm"):
+        videomix_batch(torch.zeros(2, 1, 4, 4), torch.arange(3), 0.5)
+
+
+def test_videomix_in_the_purifier_trains_the_masks_of_a_clip_net():
+    import nft_fast
+    from tests.helpers.nets import Video3D
+
+    torch.manual_seed(0)
+    model = Video3D()
+    nft_fast.attach_masks(model)
+    cfg = nft_fast.NFTConfig(steps=3, rounds=1, batch_size=4, mixup_kind="videomix")
+    p = nft_fast.Purifier(model, cfg)
+    before = p.flat_masks().clone()
+    x, y = torch.randn(4, 3, 4, 8, 8), torch.tensor([0, 1, 2, 1])
+    lams = [p.step(x, y)["lam"] for _ in range(3)]
+    assert all(0.0 <= v <= 1.0 for v in lams)
+    assert (p.flat_masks() - before).abs().max() > 0
+    with pytest.raises(ValueError, match="mixup_kind"):
+        nft_fast.NFTConfig(mixup_kind="cutout")
