@@ -2,6 +2,7 @@
 batches and progress bars."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Union
 
 import torch
@@ -14,6 +15,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a parameter-free model)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval() mode with every parameter's requires_grad off (searches that optimise
+    an input, not the weights); mode and flags restored on exit."""
+    was = model.training
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
 
 
 def fork_rng(device: torch.device):

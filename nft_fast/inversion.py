@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._loop import fork_rng, model_device
+from ._loop import fork_rng, frozen, model_device
 
 __all__ = [
     "split_classifier", "features", "feature_mask", "Generator", "FeatureTrigger", "invert", "refresh",
@@ -186,27 +186,6 @@ class FeatureTrigger:
             return g(x.contiguous()).to(x.dtype)
 
 
-class _Frozen:
-    """Context: model in eval() mode with every parameter's requires_grad off; restored on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self):
-        self.was = self.model.training
-        self.req = [p.requires_grad for p in self.model.parameters()]
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
-        for p, r in zip(self.model.parameters(), self.req):
-            p.requires_grad_(r)
-        return False
-
-
 @torch.no_grad()
 def _clean_features(model: nn.Module, head: nn.Linear, x: torch.Tensor, chunk: int = 512):
     dev = model_device(model)
@@ -284,7 +263,7 @@ def invert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 8
     head = split_classifier(model, x)
     dev = model_device(model)
     lo, hi = float(x.min()), float(x.max())
-    with fork_rng(dev), _Frozen(model):
+    with fork_rng(dev), frozen(model):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         g = Generator(x.shape[1], x.dim() - 2, width, lo, hi, bound=eps * max(hi - lo, 1e-12)).to(dev)
@@ -306,7 +285,7 @@ def refresh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trig: FeatureTri
     g.train()
     for p in g.parameters():
         p.requires_grad_(True)
-    with fork_rng(dev), _Frozen(model):
+    with fork_rng(dev), frozen(model):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         f0, _ = _clean_features(model, head, x)

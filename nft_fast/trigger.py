@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._loop import model_device
+from ._loop import frozen, model_device
 
 __all__ = ["Trigger", "ScanResult", "synthesize", "scan", "backdoor_likely"]
 
@@ -122,13 +122,8 @@ def synthesize(
     m_logit.requires_grad_(kind == "patch")
     p_logit.requires_grad_(True)
     opt = torch.optim.Adam([m_logit, p_logit] if kind == "patch" else [p_logit], lr=lr, betas=(0.5, 0.9))
-    was = model.training
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
     tgt_full = torch.full((batch_size,), target, device=device, dtype=torch.long)
-    try:
+    with frozen(model):
         for _ in range(steps):
             idx = torch.randint(src.shape[0], (min(batch_size, src.shape[0]),), generator=gen)
             xb = src[idx].to(device)
@@ -149,10 +144,6 @@ def synthesize(
                 xb = src[i:i + 512].to(device)
                 hit += int((model((1 - m) * xb + m * p).argmax(1) == target).sum())
                 n += xb.shape[0]
-    finally:
-        model.train(was)
-        for prm, r in zip(model.parameters(), req):
-            prm.requires_grad_(r)
     return Trigger(target, m.cpu(), p.cpu(), float(m.sum()), hit / max(n, 1), kind)
 
 
