@@ -289,8 +289,7 @@ def anp_selection(masks: Mapping[str, torch.Tensor], threshold: Optional[float] 
     neurons with the lowest masks over all layers (stable order on ties, as the official
     sorted list).
     """
-    if prune_by not in _PRUNE_BY:
-        raise ValueError(f"prune_by must be one of {_PRUNE_BY}, got {prune_by!r}")
+    _checks.one_of("prune_by", prune_by, _PRUNE_BY)
     if prune_by == "threshold":
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold):
             raise ValueError(f"threshold must be a number, got {threshold!r}")
@@ -427,8 +426,7 @@ def anp(
     _checks.positive_int("iters", iters)
     _checks.positive_int("batch_size", batch_size)
     _checks.positive_int("log_every", log_every)
-    if prune_by not in _PRUNE_BY:
-        raise ValueError(f"prune_by must be one of {_PRUNE_BY}, got {prune_by!r}")
+    _checks.one_of("prune_by", prune_by, _PRUNE_BY)
     if prune_by == "threshold":
         anp_selection({}, threshold)  # validates the threshold before the long optimisation
     n_data = num_samples(clean_data)
