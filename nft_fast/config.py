@@ -9,6 +9,9 @@ from typing import Optional
 from . import _checks
 
 _PRECISIONS = ("fp32", "bf16")
+#: Upper limit of every step count (steps, adv_steps, trigger_steps, inversion_steps): the
+#: reference takes 1000 steps; a million is days of CPU time, more is a typo.
+MAX_STEPS = 1_000_000
 _TRIGGER_KINDS = ("patch", "feature")
 
 
@@ -87,7 +90,7 @@ class NFTConfig:
     def __post_init__(self) -> None:
         own = "NFTConfig"
         for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps", "inversion_steps"):
-            _checks.positive_int(name, getattr(self, name), owner=own)
+            _checks.positive_int(name, getattr(self, name), owner=own, hi=MAX_STEPS if name.endswith("steps") else None)
         if self.steps % self.rounds:
             raise ValueError(f"NFTConfig: steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
         for name in ("eta_min", "mixup_alpha", "reg_coef", "floor_beta", "adv_eps", "adv_weight", "trigger_weight",

@@ -50,6 +50,37 @@ def cpu_bf16_warning() -> Optional[str]:
             "fp32 here (13x on ResNet-18 B=64 on an AVX2 CPU); use fp32")
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of memory a new allocation can get at most: ``MemAvailable`` of ``/proc/meminfo``,
+    capped by a cgroup's limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``); None where
+    neither is readable (callers then enforce no limit). An upper bound: for refusing sizes
+    that cannot fit, not for planning."""
+    avail: Optional[int] = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            avail = None
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                lim = f.read().strip()
+        except OSError:
+            continue
+        if lim.isdigit() and int(lim) < 1 << 60:  # "max" / a huge number: no limit
+            avail = int(lim) if avail is None else min(avail, int(lim))
+        break
+    return avail
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU model, torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``), native
     bf16, intra-op threads, GPU, torch / Python versions, and whether the oneDNN guard is on."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _checks
 from ._bn import norm_act
 
 NormLayer = Callable[[int], nn.Module]
@@ -463,10 +464,34 @@ _INFER: Dict[str, Tuple[Optional[str], str, str, float]] = {
 }
 
 
+def input_dims(arch: str) -> int:
+    """Dimensions of a batch the architecture takes: 5 (N, C, T, H, W) for the video net, else 4."""
+    return 5 if arch == "r3d18" else 4
+
+
+def state_bytes(arch: str, num_classes: int = 10, in_channels: int = 3, width: int = 64, image_size: int = 32) -> int:
+    """Bytes of the parameters and buffers of ``build(arch, ...)``, counted on the meta device
+    (nothing is allocated)."""
+    with torch.device("meta"):
+        m = ARCHS[arch][0](num_classes, in_channels, width, image_size)
+    return sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+
+
 def build(arch: str, num_classes: int = 10, in_channels: int = 3, width: int = 64, image_size: int = 32) -> nn.Module:
-    """Build a plain (unmasked) model by name."""
+    """Build a plain (unmasked) model by name. The sizes must be positive integers, and the
+    model must fit in the memory this machine has available (sized on the meta device first:
+    a width read off a crafted checkpoint is refused, not allocated)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHS))}")
+    sizes = dict(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
+    for name, v in sizes.items():
+        _checks.positive_int(name, v, owner=f"{arch}")
+    what = f"{arch} ({', '.join(f'{k} {v}' for k, v in sizes.items())})"
+    try:
+        nbytes = state_bytes(arch, **sizes)
+    except (RuntimeError, ValueError, OverflowError) as e:  # e.g. a size overflowing int64
+        raise ValueError(f"{what} cannot be built: {str(e).splitlines()[0][:200]}") from None
+    _checks.fits_memory(nbytes, f"{what}: its weights")
     return ARCHS[arch][0](num_classes, in_channels, width, image_size)
 
 
