@@ -3,10 +3,11 @@ batches and progress bars."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Union
+from typing import Iterator, Tuple, Union
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, TensorDataset
 
 CleanData = Union[Dataset, DataLoader]
 
@@ -68,6 +69,89 @@ def infer_num_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
     if out.dim() != 2:
         raise ValueError(f"model output must be (batch, classes) logits, got shape {tuple(out.shape)}")
     return out.shape[1]
+
+
+def check_model(model, owner: str) -> None:
+    """``model`` is an ``nn.Module`` whose parameters and buffers hold data (not on the meta device)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"{owner}: model has {len(meta)} parameters/buffers on the meta device (no data), e.g. "
+                         f"{meta[:3]}: materialize it first (model.to_empty(device=...) and load_state_dict)")
+
+
+def _pair(item, owner: str, where: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` tensors of one item or batch of the clean data, or a TypeError naming what it was."""
+    if isinstance(item, dict):
+        raise TypeError(f"{owner}: clean_data must yield (x, y) pairs, but {where} is a dict with keys "
+                        f"{sorted(map(str, item))[:6]}: wrap the dataset so that it returns (input, label)")
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError(f"{owner}: clean_data must yield (x, y) pairs, but {where} is a {type(item).__name__}"
+                        + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+    out = []
+    for name, v in (("input", item[0]), ("label", item[1])):
+        if not isinstance(v, (torch.Tensor, np.ndarray, int, float, np.number)) or isinstance(v, bool):
+            raise TypeError(f"{owner}: clean_data must yield tensors, but the {name} of {where} is a {type(v).__name__}")
+        out.append(torch.as_tensor(v))
+    x, y = out
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: clean_data's inputs must be floating-point tensors, got {x.dtype} ({where})")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{owner}: clean_data's labels must be integer class indices, got {y.dtype} ({where})")
+    return x, y
+
+
+def check_clean_data(model: torch.nn.Module, data: CleanData, owner: str) -> Tuple[torch.Tensor, int]:
+    """Check a clean Dataset / DataLoader against ``model`` before anything is changed: (x, y)
+    pairs of a floating-point input the model takes and integer labels in ``0 ..
+    classes - 1``, every input finite and within :data:`nft_fast.data.MAX_ABS_INPUT`. Tensor
+    datasets are checked whole as tensors, other map-style datasets sample by sample (their
+    transforms drawing from a forked global RNG, so the caller's stream is unchanged).
+    Returns the first batch's inputs and the number of classes of the model's logits."""
+    from .data import ArrayDataset, check_inputs, check_labels
+
+    n = num_samples(data)
+    loader = isinstance(data, DataLoader)
+    first = next(iter(data)) if loader else data[0]
+    x0, y0 = _pair(first, owner, "the first batch" if loader else "clean_data[0]")
+    if not loader:
+        x0, y0 = x0.unsqueeze(0), y0.reshape(1)
+    try:
+        classes = infer_num_classes(model, x0)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise ValueError(f"{owner}: clean_data's inputs of shape {tuple(x0.shape[1:])} ({x0.dtype}) do not fit the "
+                         f"model: {str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+    what = "clean set (clean_data)"
+    ds = data.dataset if loader else data
+    if isinstance(ds, TensorDataset) and len(ds.tensors) >= 2:
+        xs, ys = ds.tensors[0], ds.tensors[1]
+    elif isinstance(ds, ArrayDataset):  # its augmentation (crop with zero padding, flip) keeps values
+        xs, ys = ds.x, ds.y
+    elif isinstance(ds, IterableDataset):
+        return x0, classes  # no random access: only the first batch was checked
+    else:
+        with fork_rng(torch.device("cpu")):
+            for i in range(n):
+                x, y = _pair(ds[i], owner, f"clean_data item {i}")
+                check_inputs(x.unsqueeze(0), f"{what} item {i}")
+                check_labels(y.reshape(-1), classes, f"{what} item {i}")
+        return x0, classes
+    check_inputs(torch.as_tensor(xs), what)
+    ys = torch.as_tensor(ys)
+    if ys.is_floating_point() or ys.is_complex() or ys.dtype == torch.bool:
+        raise TypeError(f"{owner}: clean_data's labels must be integer class indices, got {ys.dtype}")
+    check_labels(ys.reshape(-1), classes, what)
+    return x0, classes
+
+
+def check_batch_size(batch_size: int, n: int, owner: str) -> None:
+    """A Dataset is sampled with replacement, so a batch may repeat samples (the reference's
+    one-shot setting draws batches of 128 from 10 images), but a batch above both the clean
+    set and the reference's 128 only repeats samples at a higher cost: refused."""
+    if batch_size > max(n, 128):
+        raise ValueError(f"{owner}: batch_size {batch_size} is larger than the clean set ({n} samples): batches are "
+                         f"drawn with replacement, so a larger batch only repeats samples; use at most {max(n, 128)}")
 
 
 class Batches:

@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import _checks, inversion, layout, ops
 from ._bn import bn_buffers, kept
-from ._loop import Batches, first_batch, fork_rng, infer_num_classes, model_device, num_samples, progress_bar
+from ._loop import (Batches, check_batch_size, check_clean_data, check_model, fork_rng, model_device, num_samples,
+                    progress_bar)
 from .config import NFTConfig
+from .data import check_inputs
 from .machine import cpu_bf16_warning
 from .evaluation import pgd_linf
 from .trigger import Trigger, scan, synthesize
@@ -41,7 +43,8 @@ class Purifier:
     """
 
     def __init__(self, model: nn.Module, cfg: Optional[NFTConfig] = None, samples_per_class: float = 1.0) -> None:
-        self.cfg = cfg or NFTConfig()
+        self.cfg = _checks.config(cfg, "Purifier")
+        check_model(model, "Purifier")
         _checks.number("samples_per_class", samples_per_class, lo_open=True)
         masks = mask_parameters(model)
         if not masks:
@@ -120,8 +123,20 @@ class Purifier:
         Returns ``loss`` (MixUp cross-entropy), ``reg`` (R before the update), ``total``
         (``loss + reg_coef * R / N_c``) and ``lam``.
         """
-        if x.shape[0] != y.shape[0] or x.shape[0] < 1:
-            raise ValueError(f"step: x and y must hold the same non-zero number of samples, got {x.shape[0]} and {y.shape[0]}")
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"step: x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+        if x.dim() == 0 or y.dim() != 1 or x.shape[0] != y.shape[0] or x.shape[0] < 1:
+            raise ValueError(f"step: x and y must hold the same non-zero number of samples (y 1-D), got shapes "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if not x.is_floating_point() or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"step: x must be floating-point and y integer labels, got {x.dtype} and {y.dtype}")
+        if lam is not None:  # checked before anything changes (a NaN lam would poison every mask)
+            scalar = (isinstance(lam, torch.Tensor) and lam.numel() == 1 and lam.is_floating_point()) or \
+                isinstance(lam, (np.floating, np.integer))
+            _checks.number("lam", float(lam) if scalar else lam, 0.0, 1.0, owner="step")
+        check_inputs(x, "batch x")  # NaN/inf in x would turn every mask NaN before the loss check
+        if bool((y < 0).any()):
+            raise ValueError(f"step: y holds negative labels (min {int(y.min())})")
         if lam is None or perm is None:
             dl, dp = self.draw(x.shape[0])
             lam = dl if lam is None else lam
@@ -344,9 +359,27 @@ def purify(
     round (e.g. ``lambda m: evaluate(m, test_loader, poison_loader)``) and is recorded in
     the history; passing ``test_loader`` / ``poison_loader`` (and ``target``) instead records
     :func:`nft_fast.evaluate`'s ACC/ASR/RA. ``result.model`` is the masked model;
-    ``result.folded()`` the plain one.
+    ``result.folded()`` the plain one; both have the caller's train/eval mode and
+    ``requires_grad`` flags (new masks trainable).
+
+    Every argument is checked before the model is copied or changed: ``cfg`` (again: a field
+    changed after creation), the model (not on the meta device), the clean data ((x, y)
+    pairs the model takes, finite inputs within ``nft_fast.data.MAX_ABS_INPUT``, labels in
+    range) and a Dataset's batch size (at most ``max(len(clean_data), 128)``); mistakes raise
+    ``TypeError`` / ``ValueError`` naming the argument.
     """
-    cfg = cfg or NFTConfig()
+    # everything is checked before the model is copied or changed (inplace: the caller's)
+    cfg = _checks.config(cfg, "purify")
+    check_model(model, "purify")
+    if num_classes is not None:
+        _checks.positive_int("num_classes", num_classes, owner="purify")
+    if samples_per_class is not None:
+        _checks.number("samples_per_class", samples_per_class, lo_open=True, owner="purify")
+    _, model_classes = check_clean_data(model, clean_data, "purify")
+    if not isinstance(clean_data, DataLoader):  # a DataLoader's batches are the caller's
+        check_batch_size(cfg.batch_size, num_samples(clean_data), "purify")
+    was_training = model.training  # the returned model gets the caller's mode and requires_grad flags
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     if evaluate_fn is None and (test_loader is not None or poison_loader is not None):
         from .evaluation import evaluate
 
@@ -356,9 +389,8 @@ def purify(
         model = copy.deepcopy(model)
     if not mask_parameters(model):
         attach_masks(model, exclude=exclude)
-    x0, _ = first_batch(clean_data)
     if num_classes is None:
-        num_classes = infer_num_classes(model, x0)
+        num_classes = model_classes
     n_c = samples_per_class if samples_per_class is not None else n_data / num_classes
     purifier = Purifier(model, cfg, samples_per_class=n_c)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -385,6 +417,9 @@ def purify(
     bar.close()
     if cfg.bn_recalibrate:
         _recalibrate(model, xs, cfg, history, evaluate_fn)
+    model.train(was_training)
+    for n, p in model.named_parameters():  # masks purify attached stay trainable
+        p.requires_grad_(requires_grad.get(n, True))
     return PurifyResult(model, history, time.perf_counter() - t_start, n_c)
 
 

@@ -93,8 +93,10 @@ def test_step_rejects_nan_inputs():
     p = nft_fast.Purifier(model, samples_per_class=10)
     x = ds.tensors[0][:8].clone()
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="NaN/inf"):
+    masks = p.flat_masks()
+    with pytest.raises(ValueError, match="NaN/inf"):  # refused before the step changes anything
         p.step(x, ds.tensors[1][:8], lam=0.5, perm=torch.arange(8))
+    assert torch.equal(p.flat_masks(), masks) and p.steps_done == 0
 
 
 def test_bf16_step_runs_and_tracks_fp32():
