@@ -250,7 +250,8 @@ def test_unknown_arch(cli, files):
 
 def test_empty_clean_set(cli, files, tmp_path):
     data = write_data(tmp_path / "empty.npz", n=0)
-    assert_usage_error(cli(*purify_argv(files["ckpt"], data, files["out"])), files["out"], "clean set is empty")
+    assert_usage_error(cli(*purify_argv(files["ckpt"], data, files["out"])), files["out"], "clean set", "empty.npz",
+                       "is empty")
 
 
 def test_clean_set_missing_classes(cli, files, tmp_path):

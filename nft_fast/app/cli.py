@@ -34,7 +34,11 @@ def _add_cfg_args(p: argparse.ArgumentParser) -> None:
 
 def _cfg_from(args) -> NFTConfig:
     given = {k: getattr(args, k) for k in ("steps", "rounds", "batch_size", "lr") if getattr(args, k) is not None}
-    return NFTConfig.preset(args.preset, seed=args.seed, precision=args.precision, **given)
+    try:
+        return NFTConfig.preset(args.preset, seed=args.seed, precision=args.precision, **given)
+    except ValueError as e:
+        names = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
+        raise UsageError(f"{e} (--preset {args.preset}{', ' + names if names else ''})") from None
 
 
 def run_purify(args: argparse.Namespace, title: str = "NFT purification") -> dict:
@@ -65,12 +69,12 @@ def _spec_from(args):
 
 
 def cmd_train_backdoor(args) -> int:
-    from ..harness.runs import train
+    from ..harness.runs import RUN_FILES, train
 
     if args.arch not in models.ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
     out = Path(args.out)
-    check_out_dir(out, [])
+    check_out_dir(out, [], RUN_FILES)
     run = train(_spec_from(args), out, args.data_dir, progress=not args.no_progress)
     m = run["metrics"]
     print(metrics_table({f"backdoored ({args.attack})": dict(m, seconds=run["train_seconds"])}))
@@ -252,8 +256,16 @@ def _add_info(sub) -> None:
     i.set_defaults(func=cmd_info)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown option, ``--steps 1e23``) end as every other error
+    does: one line ``nft-fast: error: ...``, exit code 2 (see :func:`main`)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="nft-fast", description="Purify backdoored networks with Neural mask Fine-Tuning (NFT).")
+    ap = _Parser(prog="nft-fast", description="Purify backdoored networks with Neural mask Fine-Tuning (NFT).")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_purify(sub)
@@ -266,11 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, OSError, BackendUnavailable) as e:
-        print(f"nft-fast: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, BackendUnavailable, FloatingPointError, MemoryError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # always one line
+        if isinstance(e, MemoryError):
+            msg = f"out of memory ({msg})"
+        print(f"nft-fast: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -3,6 +3,7 @@ masks and a report. The command line's ``purify`` and the demo are thin wrappers
 :func:`purify_to_folder`."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,20 +13,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .. import models
+from .. import _checks, models
 from ..config import NFTConfig
-from ..data import ArrayDataset, DataError, check_clean_set, image_folder, load_arrays, per_class
+from ..data import ArrayDataset, DataError, check_clean_set, check_inputs, check_labels, image_folder, load_arrays, per_class
 from ..evaluation import evaluate
-from ..io import load_into, load_state_dict, save_state_dict
+from ..io import CheckpointError, check_finite, load_into, load_state_dict, save_state_dict
 from ..machine import machine_info
 from ..masks import MaskSite, attach_masks, fold_masks, mask_sites
 from ..ops import set_backend
 from ..purifier import PurifyResult, purify, scan_kwargs
 from ..trigger import backdoor_likely, scan
-from .report import write_report
+from .report import PLOTS, REPORT_FILES, write_report
 
 PathLike = Union[str, os.PathLike]
-OUTPUTS = ("purified.safetensors", "masks.safetensors", "report.json", "report.md")
+#: Every file purify_to_folder may write into its output folder.
+OUTPUTS = ("purified.safetensors", "masks.safetensors") + REPORT_FILES + PLOTS
 
 
 class UsageError(ValueError):
@@ -45,19 +47,58 @@ class Inputs:
     poison: Optional[DataLoader]
 
 
-def check_out_dir(out: Path, inputs: Sequence[Optional[PathLike]]) -> None:
-    """Create ``out``, check that it can be written, and that no output would overwrite an input."""
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".nft-fast-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"output directory {out} cannot be written: {e.strerror or e}") from None
-    ins = {Path(p).resolve() for p in inputs if p}
-    for name in OUTPUTS:
-        if (out / name).resolve() in ins:
-            raise UsageError(f"refusing to overwrite the input file {out / name}: choose another --out")
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_out_dir(out: PathLike, inputs: Sequence[Optional[PathLike]], outputs: Sequence[str] = OUTPUTS) -> None:
+    """Check, creating and writing nothing, that ``out`` can be created (or is a writable
+    directory), that each of ``outputs`` can be written there as a file, and that none of them
+    would overwrite an input."""
+    out = Path(out)
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"output directory {out} cannot be written: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output directory {out} cannot be written: {existing} is not writable")
+    ins = [Path(p) for p in inputs if p]
+    for name in outputs:
+        path = out / name
+        if any(_same_file(path, i) for i in ins):
+            raise UsageError(f"refusing to overwrite the input file {path}: choose another --out")
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise UsageError(f"cannot write the output {path}: it exists and is not a regular file; "
+                             "remove it or choose another --out")
+
+
+@contextlib.contextmanager
+def writing(out: PathLike, outputs: Sequence[str] = OUTPUTS):
+    """Create ``out`` for writing ``outputs``; if writing fails, the outputs that did not exist
+    before and the directories made here are removed again."""
+    out = Path(out)
+    made, d = [], out
+    while not d.exists() and d.parent != d:
+        made.append(d)
+        d = d.parent
+    before = {n for n in outputs if (out / n).exists()}
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        for n in outputs:
+            if n not in before:
+                (out / n).unlink(missing_ok=True)
+        for d in made:  # deepest first; only if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
 
 def _loader(*tensors, batch_size: int = 512) -> DataLoader:
@@ -72,14 +113,40 @@ def _read_set(path: PathLike, grey: bool = False):
     return load_arrays(path)
 
 
-def _load_eval_set(path: PathLike, what: str, like: torch.Tensor):
+def _load_eval_set(path: PathLike, what: str, like: torch.Tensor, num_classes: int):
     x, y, yt = _read_set(path, grey=like.shape[1] == 1)
-    if not torch.isfinite(x).all():
-        raise DataError(f"the {what} ({path}) has NaN/inf values")
+    what = f"{what} ({path})"
     if x.shape[1:] != like.shape[1:]:
-        raise DataError(f"the {what} ({path}) has samples of shape {tuple(x.shape[1:])} (channels first), "
+        raise DataError(f"the {what} has samples of shape {tuple(x.shape[1:])} (channels first), "
                         f"the clean set {tuple(like.shape[1:])}")
+    check_inputs(x, what)
+    check_labels(y, num_classes, what)
+    if yt is not None:
+        check_labels(yt, num_classes, f"{what} (y_target)")
     return x, y, yt
+
+
+def _check_fits(model: nn.Module, arch: str, x: torch.Tensor, path: PathLike) -> None:
+    """The clean set's samples have the rank the architecture takes and pass through the model
+    (one eval-mode forward of two samples: no BatchNorm statistics change)."""
+    dims = models.input_dims(arch)
+    if x.dim() != dims:
+        raise DataError(f"the clean set ({path}) has samples of shape {tuple(x.shape[1:])}: --arch {arch} takes "
+                        f"{'(C, T, H, W) clips' if dims == 5 else '(C, H, W) images'}")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DataError(f"the clean set ({path}) has samples of shape {tuple(x.shape[1:])} that --arch {arch} "
+                        f"cannot take: {first}") from None
+    finally:
+        model.train(was)
+    if out.dim() != 2:
+        raise DataError(f"--arch {arch} gives outputs of shape {tuple(out.shape)} on the clean set ({path}), "
+                        "not (batch, classes) logits")
 
 
 def inputs_from_files(checkpoint: Optional[PathLike], arch: Optional[str], data: Optional[PathLike],
@@ -97,14 +164,19 @@ def inputs_from_files(checkpoint: Optional[PathLike], arch: Optional[str], data:
     kw = dict(dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1]), **kw)
     if x.shape[1] != kw["in_channels"]:
         raise DataError(f"the clean set has {x.shape[1]} channels but the checkpoint expects {kw['in_channels']}")
-    model = models.build(arch, **kw)
+    _checks.index("--target", target, kw["num_classes"])
+    try:
+        model = models.build(arch, **kw)
+    except ValueError as e:  # sizes read off the files: absurd, or too large for this machine
+        raise CheckpointError(f"checkpoint {checkpoint} (--arch {arch}) with the clean set {data}: {e}") from None
     load_into(model, state, f"checkpoint {checkpoint} (--arch {arch})")
+    _check_fits(model, arch, x, data)
     test = poison = None
     if test_data:
-        xt, yt, _ = _load_eval_set(test_data, "test set", x)
+        xt, yt, _ = _load_eval_set(test_data, "test set", x, kw["num_classes"])
         test = _loader(xt, yt)
     if poison_data:
-        xp, yp, ytp = _load_eval_set(poison_data, "poisoned test set", x)
+        xp, yp, ytp = _load_eval_set(poison_data, "poisoned test set", x, kw["num_classes"])
         poison = _loader(xp, yp, ytp if ytp is not None else torch.full_like(yp, target))
     return Inputs(model, arch, kw, x, y, test, poison)
 
@@ -171,13 +243,18 @@ def purify_to_folder(
     samples per class (drawn with ``config.seed``); ``exclude`` names modules left unmasked
     (default: the architecture's stem norm). Checkpoints are loaded without executing code.
     """
-    cfg = config or NFTConfig()
+    cfg = _checks.config(config, "purify_to_folder")
+    if per_class_k is not None:
+        _checks.positive_int("per_class_k (--per-class)", per_class_k)
     out = Path(out)
-    check_out_dir(out, [checkpoint, data, test_data, poison_data, Path(run) / "model.safetensors" if run else None])
+    if run:
+        from ..harness.runs import RUN_FILES
+    run_files = [Path(run) / n for n in RUN_FILES] if run else []
+    check_out_dir(out, [checkpoint, data, test_data, poison_data, *run_files])
     ins = (inputs_from_run(run, data_dir, checkpoint) if run
            else inputs_from_files(checkpoint, arch, data, test_data, poison_data, target))
     x, y, num_classes = ins.x, ins.y, ins.arch_kwargs["num_classes"]
-    check_clean_set(x, y, num_classes)
+    check_clean_set(x, y, num_classes, what=f"clean set ({data or run})")
     if per_class_k is not None:
         idx = per_class(y, per_class_k, cfg.seed)
         x, y = x[idx], y[idx]
@@ -190,8 +267,14 @@ def purify_to_folder(
                     test_loader=test, poison_loader=poison, progress=progress)
     plain = fold_masks(result.model)
     after = evaluate(plain, test, poison) if (test or poison) else {}
-    save_state_dict(plain.state_dict(), out / "purified.safetensors")
-    save_state_dict({s.name + ".neuron_mask": s.mask.detach() for s in sites}, out / "masks.safetensors")
+    states = {"purified.safetensors": plain.state_dict(),
+              "masks.safetensors": {s.name + ".neuron_mask": s.mask.detach() for s in sites}}
+    for name, state in states.items():  # checked before anything is written
+        try:
+            check_finite(state, name)
+        except CheckpointError as e:
+            raise DataError(f"purification gave non-finite values, nothing was written: {e}; check the clean set's "
+                            "values and the learning rate") from None
     report = {
         "checkpoint": str(checkpoint or Path(run) / "model.safetensors"), "run": None if run is None else str(run),
         "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "clean_samples": int(x.shape[0]),
@@ -205,5 +288,8 @@ def purify_to_folder(
     if signal is not None:
         report["signal"] = signal
     masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
-    write_report(out, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
+    with writing(out):
+        for name, state in states.items():
+            save_state_dict(state, out / name)
+        write_report(out, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
     return report

@@ -26,6 +26,11 @@ def metrics_table(rows: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+#: Every file :func:`write_report` may write into a report folder (plots only with matplotlib).
+REPORT_FILES = ("report.json", "report.md")
+PLOTS = ("masks_heatmap.png", "masks_hist.png", "rounds.png")
+HEATMAP, HISTOGRAM, ROUNDS = PLOTS
+
 NO_PLOTS = 'plots skipped: matplotlib is not installed (pip install "nft_fast[report]")'
 
 
@@ -137,13 +142,13 @@ def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]]
             md += [f"_{NO_PLOTS}_", ""]
     if have_plt and masks:
         names = list(masks)
-        plot_masks([masks[n] for n in names], names, floors or [0.0] * len(names), out / "masks_heatmap.png")
-        plot_histogram(list(masks.values()), out / "masks_hist.png")
-        md += ["![masks per layer](masks_heatmap.png)", "", "![mask histogram](masks_hist.png)", ""]
-        files += [out / "masks_heatmap.png", out / "masks_hist.png"]
+        plot_masks([masks[n] for n in names], names, floors or [0.0] * len(names), out / HEATMAP)
+        plot_histogram(list(masks.values()), out / HISTOGRAM)
+        md += [f"![masks per layer]({HEATMAP})", "", f"![mask histogram]({HISTOGRAM})", ""]
+        files += [out / HEATMAP, out / HISTOGRAM]
     if have_plt and report.get("history") and report.get("before"):
-        plot_rounds(report["history"], report["before"], out / "rounds.png")
-        md += ["![per round](rounds.png)", ""]
-        files.append(out / "rounds.png")
+        plot_rounds(report["history"], report["before"], out / ROUNDS)
+        md += [f"![per round]({ROUNDS})", ""]
+        files.append(out / ROUNDS)
     write_text(out / "report.md", "\n".join(md))
     return files

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .. import _checks
 from .. import data as D
 from . import datasets
 from .. import models
@@ -27,6 +28,8 @@ from ..evaluation import evaluate
 from ..io import load_into, load_state_dict, save_state_dict, write_json
 
 DATASETS = ("fashion-mnist", "moving-shapes")
+#: The files of a run folder (``attack.safetensors`` only for attacks with learned triggers).
+RUN_FILES = ("model.safetensors", "run.json", "attack.safetensors")
 
 
 @dataclass
@@ -129,7 +132,6 @@ def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True) -> di
     from .attacks import train_backdoored
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = prepare(spec, root)
     attack = build_attack(spec, data.num_classes)
     with torch.random.fork_rng(devices=[]):
@@ -140,6 +142,7 @@ def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True) -> di
                             lr=spec.lr, seed=spec.seed, progress=progress)
     seconds = time.perf_counter() - t0
     metrics = evaluate(model, data.test_loader(), poison_loader(attack, data))
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no folder behind
     save_state_dict(model.state_dict(), out / "model.safetensors")
     state = attack.state_dict()
     if state:
@@ -160,17 +163,47 @@ class LoadedRun:
     folder: Path
 
 
+def read_run_json(path: Path) -> Tuple[dict, BackdoorSpec]:
+    """run.json's content and its spec, checked (:class:`~nft_fast.data.DataError` naming the
+    file and key) before anything is built from it."""
+    try:
+        run = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise D.DataError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(run, dict) or not isinstance(run.get("spec"), dict):
+        raise D.DataError(f"{path} has no \"spec\" object (the backdoor spec `nft-fast train-backdoor` writes)")
+    try:
+        spec = BackdoorSpec.from_dict(run["spec"])
+        own = f"{path}: spec"
+        _checks.one_of("arch", spec.arch, tuple(models.ARCHS), owner=own)
+        _checks.one_of("dataset", spec.dataset, DATASETS, owner=own)
+        for name in ("width", "epochs", "batch_size"):
+            _checks.positive_int(name, getattr(spec, name), owner=own)
+        if spec.train_subset is not None:
+            _checks.positive_int("train_subset", spec.train_subset, owner=own)
+        _checks.number("clean_fraction", spec.clean_fraction, 0.0, 1.0, lo_open=True, hi_open=True, owner=own)
+        if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
+            raise ValueError(f"{own}: seed must be an integer, got {spec.seed!r}")
+        if not isinstance(spec.attack, str) or not isinstance(spec.attack_params, dict):
+            raise ValueError(f"{own}: attack must be a name and attack_params an object")
+    except (TypeError, ValueError) as e:
+        raise D.DataError(str(e)) from None
+    return run, spec
+
+
 def load_run(folder, root=None, checkpoint=None) -> LoadedRun:
     """A run folder back as model (its own checkpoint, or ``checkpoint``), attack and data."""
     folder = Path(folder)
     if not (folder / "run.json").is_file():
         raise D.DataError(f"{folder} is not a backdoor run folder (no run.json); make one with `nft-fast train-backdoor`")
-    run = json.loads((folder / "run.json").read_text())
-    spec = BackdoorSpec.from_dict(run["spec"])
+    run, spec = read_run_json(folder / "run.json")
     data = prepare(spec, root)
     state_path = folder / "attack.safetensors"
     attack = build_attack(spec, data.num_classes, load_state_dict(state_path) if state_path.exists() else None)
-    model = build_model(spec, data)
+    try:
+        model = build_model(spec, data)
+    except ValueError as e:  # sizes from run.json: absurd, or too large for this machine
+        raise D.DataError(f"{folder / 'run.json'}: {e}") from None
     ckpt = checkpoint or folder / "model.safetensors"
     load_into(model, load_state_dict(ckpt), f"checkpoint {ckpt} (--arch {spec.arch})")
     return LoadedRun(spec, run, model, attack, data, folder)
