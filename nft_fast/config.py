@@ -69,6 +69,16 @@ class NFTConfig:
     # inversion_eps: bound on the per-sample RMS of G(x) - x, as a fraction of the clean
     # set's value range; inversion_mask_norm: weight of the benign-mask norm term.
     trigger_kind: str = "patch"
+    # How the patch trigger to unlearn is found: "classes" -- Neural Cleanse's scan, one
+    # search per class (its cost grows with the number of classes); "agnostic" --
+    # ``trigger_restarts`` class-agnostic searches, each settling on the easiest class to
+    # reach that the earlier ones did not (nft_fast.trigger.search; the same cost for 10 or
+    # 1,000 classes).
+    trigger_search: str = "classes"
+    # > 0: also unlearn a universal additive trigger of the suspect class (RMS at most this
+    # fraction of the value range; nft_fast.trigger.universal), every step, next to the patch.
+    trigger_universal: float = 0.0
+    trigger_restarts: int = 4
     inversion_steps: int = 800
     inversion_eps: float = 0.07
     inversion_mask_norm: float = 2.0
@@ -89,12 +99,13 @@ class NFTConfig:
 
     def __post_init__(self) -> None:
         own = "NFTConfig"
-        for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps", "inversion_steps"):
+        for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps", "inversion_steps",
+                     "trigger_restarts"):
             _checks.positive_int(name, getattr(self, name), owner=own, hi=MAX_STEPS if name.endswith("steps") else None)
         if self.steps % self.rounds:
             raise ValueError(f"NFTConfig: steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
         for name in ("eta_min", "mixup_alpha", "reg_coef", "floor_beta", "adv_eps", "adv_weight", "trigger_weight",
-                     "trigger_l1", "trigger_min_anomaly", "trigger_blend", "inversion_mask_norm"):
+                     "trigger_l1", "trigger_min_anomaly", "trigger_blend", "trigger_universal", "inversion_mask_norm"):
             _checks.number(name, getattr(self, name), owner=own)
         _checks.number("lr", self.lr, lo_open=True, owner=own)
         _checks.number("inversion_eps", self.inversion_eps, lo_open=True, owner=own)
@@ -106,6 +117,10 @@ class NFTConfig:
         if self.cuda_graph and self.mixup_kind != "mixup":
             raise ValueError("NFTConfig: cuda_graph captures the MixUp step only (mixup_kind='mixup')")
         _checks.one_of("trigger_kind", self.trigger_kind, _TRIGGER_KINDS, owner=own)
+        _checks.one_of("trigger_search", self.trigger_search, ("classes", "agnostic"), owner=own)
+        if self.trigger_restarts < 3:
+            raise ValueError(f"NFTConfig: trigger_restarts must be at least 3 (the anomaly index compares them), "
+                             f"got {self.trigger_restarts}")
         if self.cuda_graph and ((self.adv_eps > 0 and self.adv_weight > 0) or self.trigger_weight > 0):
             raise ValueError("NFTConfig: cuda_graph captures the plain NFT step only: turn off adv_* and trigger_* losses")
 

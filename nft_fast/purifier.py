@@ -28,7 +28,7 @@ from .config import NFTConfig
 from .data import check_inputs
 from .machine import cpu_bf16_warning
 from .evaluation import pgd_linf
-from .trigger import Trigger, scan, synthesize
+from .trigger import Perturbation, Trigger, scan, search, synthesize, universal
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
 
 
@@ -85,6 +85,7 @@ class Purifier:
         # BN buffers are snapshotted around the adversarial forwards so running statistics
         # reflect the (MixUp) clean batches only, as in the reference.
         self.triggers: List[Trigger] = []  # unlearning triggers (NFTConfig.trigger_weight)
+        self.universal: Optional[Perturbation] = None  # NFTConfig.trigger_universal
         self._bn_buffers = bn_buffers(model)
         model.train()
 
@@ -171,6 +172,10 @@ class Purifier:
                         xt = trig.apply(x[keep])
                         extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
                         total = total + self.cfg.trigger_weight * extra["trigger_loss"]
+                        if self.universal is not None:
+                            xu = self.universal.apply(x[keep])
+                            extra["universal_loss"] = F.cross_entropy(self._forward(xu), y[keep])
+                            total = total + self.cfg.trigger_weight * extra["universal_loss"]
                 total.backward()
         else:
             loss.backward()
@@ -433,14 +438,22 @@ def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dic
         info = inversion.flip_summary(model, xs, trig)
         info["trigger_unlearning"] = True
         return info
-    found = scan(model, xs, ys, **scan_kwargs(cfg))
+    if cfg.trigger_search == "agnostic":
+        found = search(model, xs, ys, restarts=min(cfg.trigger_restarts, int(ys.unique().numel())), **scan_kwargs(cfg))
+    else:
+        found = scan(model, xs, ys, **scan_kwargs(cfg))
     info = found.summary()
+    info["trigger_search"] = cfg.trigger_search
     info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
     if info["trigger_unlearning"]:
         purifier.triggers = found.ranked()[: cfg.trigger_top]
         if cfg.trigger_blend > 0:
             purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
                                              **scan_kwargs(cfg)) for t in purifier.triggers]
+        if cfg.trigger_universal > 0:
+            purifier.universal = universal(model, xs, ys, purifier.triggers[0].target, rms=cfg.trigger_universal,
+                                           batch_size=cfg.batch_size, seed=cfg.seed)
+            info["universal_success"] = purifier.universal.success
     return info
 
 
@@ -458,6 +471,10 @@ def _run_round(purifier: Purifier, r: int, batches: Batches, bar, xs, ys) -> Dic
         else:
             kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
             purifier.triggers = [synthesize(purifier.model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
+            if purifier.universal is not None:
+                purifier.universal = universal(purifier.model, xs, ys, purifier.universal.target,
+                                               rms=cfg.trigger_universal, steps=20, batch_size=cfg.batch_size,
+                                               seed=cfg.seed + r, init=purifier.universal)
     losses, steps = 0.0, 0
     for x, y in batches.take(cfg.steps_per_round):
         info = purifier.step(x, y)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ._loop import frozen, model_device
 
-__all__ = ["Trigger", "ScanResult", "synthesize", "scan", "backdoor_likely"]
+__all__ = ["Trigger", "ScanResult", "synthesize", "scan", "search", "universal", "Perturbation", "backdoor_likely"]
 
 
 @dataclass
@@ -103,12 +103,30 @@ def synthesize(
     src = x[y != target]
     if src.shape[0] == 0:
         raise ValueError(f"synthesize: the clean set has no samples outside class {target}")
-    device = model_device(model)
-    lo, hi = float(x.min()), float(x.max())
-    c = x.shape[1]
+    m, p, _ = _optimize(model, src, None, target, steps=steps, lr=lr, l1=l1, batch_size=batch_size, seed=seed,
+                        init=init, kind=kind, alpha=alpha, value_range=(float(x.min()), float(x.max())))
+    return Trigger(target, m, p, float(m.sum()), _success(model, src, m, p, target), kind)
+
+
+def _spatial(x: torch.Tensor) -> tuple:
     # clips (N, C, T, H, W): one mask and pattern shared by every frame (a clip-level
     # trigger), broadcast over T -- per-frame masks make a planted trigger look 8x larger
-    spatial = (1,) + tuple(x.shape[-2:]) if x.dim() == 5 else tuple(x.shape[2:])
+    return (1,) + tuple(x.shape[-2:]) if x.dim() == 5 else tuple(x.shape[2:])
+
+
+def _optimize(model: nn.Module, src: torch.Tensor, src_y: Optional[torch.Tensor], target: Optional[int], *,
+              steps: int, lr: float, l1: float, batch_size: int, seed: int, init: Optional[Trigger], kind: str,
+              alpha: float, value_range: tuple, exclude: Sequence[int] = ()) -> tuple:
+    """Adam on a mask/pattern pair; returns ``(mask, pattern, target)`` on the CPU.
+
+    With ``target`` set: minimise ``CE(model(x'), target) + l1 |m|_1`` over ``src``. With
+    ``target=None`` (class-agnostic): each step pushes the batch (samples of ``src_y`` other
+    than the class) towards the class the triggered batch is most drawn to, among the
+    classes not in ``exclude``, so the search settles on the easiest class to reach."""
+    device = model_device(model)
+    lo, hi = value_range
+    c = src.shape[1]
+    spatial = _spatial(src)
     gen = torch.Generator().manual_seed(seed)
     if init is not None:
         m0 = init.mask.clamp(1e-3, 1 - 1e-3)
@@ -122,7 +140,7 @@ def synthesize(
     m_logit.requires_grad_(kind == "patch")
     p_logit.requires_grad_(True)
     opt = torch.optim.Adam([m_logit, p_logit] if kind == "patch" else [p_logit], lr=lr, betas=(0.5, 0.9))
-    tgt_full = torch.full((batch_size,), target, device=device, dtype=torch.long)
+    excluded = torch.tensor(sorted(set(int(k) for k in exclude)), dtype=torch.long, device=device)
     with frozen(model):
         for _ in range(steps):
             idx = torch.randint(src.shape[0], (min(batch_size, src.shape[0]),), generator=gen)
@@ -130,21 +148,104 @@ def synthesize(
             m = torch.sigmoid(m_logit) if kind == "patch" else fixed
             p = lo + (hi - lo) * torch.sigmoid(p_logit)
             out = model((1 - m) * xb + m * p).float()
-            loss = F.cross_entropy(out, tgt_full[: xb.shape[0]])
+            if target is None:
+                yb = src_y[idx].to(device)
+                logp = F.log_softmax(out, 1)
+                with torch.no_grad():  # mean log-probability of each class over the samples not of it
+                    own = F.one_hot(yb, out.shape[1]).bool()
+                    score = logp.masked_fill(own, 0).sum(0) / (~own).sum(0).clamp_min(1)
+                    if excluded.numel():
+                        score[excluded] = -float("inf")
+                    target_now = int(score.argmax())
+                keep = yb != target_now
+                loss = -logp[keep, target_now].mean() if bool(keep.any()) else out.sum() * 0
+            else:
+                target_now = target
+                loss = F.cross_entropy(out, torch.full((xb.shape[0],), target, device=device, dtype=torch.long))
             if kind == "patch":
                 loss = loss + l1 * m.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    with torch.no_grad():
+        m = torch.sigmoid(m_logit).detach() if kind == "patch" else fixed
+        p = (lo + (hi - lo) * torch.sigmoid(p_logit)).detach()
+    return m.cpu(), p.cpu(), target_now
+
+
+def _success(model: nn.Module, src: torch.Tensor, m: torch.Tensor, p: torch.Tensor, target: int) -> float:
+    """Fraction of ``src`` the trigger ``(m, p)`` sends to ``target``."""
+    device = model_device(model)
+    hit = n = 0
+    with frozen(model), torch.no_grad():
+        m, p = m.to(device), p.to(device)
+        for i in range(0, src.shape[0], 512):
+            xb = src[i:i + 512].to(device)
+            hit += int((model((1 - m) * xb + m * p).argmax(1) == target).sum())
+            n += xb.shape[0]
+    return hit / max(n, 1)
+
+
+@dataclass
+class Perturbation:
+    """A universal additive trigger for class ``target``: ``x' = clip(x + delta)`` with one
+    ``delta`` (C, *S) for every input; it can change every pixel a little (a Blend-style or
+    warping trigger) where a :class:`Trigger`'s small mask cannot."""
+
+    target: int
+    delta: torch.Tensor
+    value_range: tuple
+    norm: float  # RMS of delta
+    success: float
+    kind: str = "universal"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + self.delta.to(x.device, x.dtype)).clamp(*self.value_range)
+
+
+def universal(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: int,
+    *,
+    rms: float = 0.1,
+    steps: int = 60,
+    batch_size: int = 128,
+    seed: int = 0,
+    init: Optional[Perturbation] = None,
+) -> Perturbation:
+    """The universal perturbation, of RMS at most ``rms`` times the data's value range, that
+    sends clean images of other classes to ``target`` (normalised-gradient ascent on the
+    target's log-probability, projected on the L2 ball; ``init`` warm-starts)."""
+    src = x[y != target]
+    if src.shape[0] == 0:
+        raise ValueError(f"universal: the clean set has no samples outside class {target}")
+    device = model_device(model)
+    lo, hi = float(x.min()), float(x.max())
+    radius = rms * (hi - lo) * float(src[0].numel()) ** 0.5
+    gen = torch.Generator().manual_seed(seed)
+    d = (init.delta.clone() if init is not None else torch.zeros(tuple(src.shape[1:]))).to(device)
+    lr = radius / 4
+    with frozen(model):
+        for _ in range(steps):
+            d.requires_grad_(True)
+            idx = torch.randint(src.shape[0], (min(batch_size, src.shape[0]),), generator=gen)
+            xb = src[idx].to(device)
+            out = model((xb + d).clamp(lo, hi)).float()
+            loss = F.cross_entropy(out, torch.full((xb.shape[0],), target, device=device, dtype=torch.long))
+            (g,) = torch.autograd.grad(loss, d)
+            with torch.no_grad():
+                d = d - lr * g / g.norm().clamp_min(1e-12)
+                d = d * (radius / d.norm()).clamp(max=1.0)
+        d = d.detach()
+        hit = n = 0
         with torch.no_grad():
-            m = torch.sigmoid(m_logit).detach() if kind == "patch" else fixed
-            p = (lo + (hi - lo) * torch.sigmoid(p_logit)).detach()
-            hit = n = 0
             for i in range(0, src.shape[0], 512):
                 xb = src[i:i + 512].to(device)
-                hit += int((model((1 - m) * xb + m * p).argmax(1) == target).sum())
+                hit += int((model((xb + d).clamp(lo, hi)).argmax(1) == target).sum())
                 n += xb.shape[0]
-    return Trigger(target, m.cpu(), p.cpu(), float(m.sum()), hit / max(n, 1), kind)
+    return Perturbation(target, d.cpu(), (lo, hi), float(d.pow(2).mean().sqrt()), hit / max(n, 1))
 
 
 def _anomaly(norms: Sequence[float]) -> List[float]:
@@ -172,6 +273,41 @@ def scan(
         raise ValueError(f"scan needs at least 3 classes to compare trigger sizes, got {len(classes)}")
     triggers = [synthesize(model, x, y, int(k), **kw) for k in classes]
     return ScanResult(triggers, _anomaly([t.norm for t in triggers]))
+
+
+def search(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    restarts: int = 4,
+    steps: int = 150,
+    lr: float = 0.1,
+    l1: float = 0.01,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> ScanResult:
+    """A class-agnostic scan whose cost does not grow with the number of classes.
+
+    ``restarts`` searches, each for the smallest mask/pattern that sends clean images of
+    other classes to *whichever* class is easiest to reach; every search excludes the
+    classes the earlier ones settled on. A backdoored network's target is reachable with a
+    far smaller trigger than any other class, so it is found by one of the searches, and its
+    anomaly index (Neural Cleanse's MAD rule over the ``restarts`` candidates) stands out as in
+    :func:`scan`. ``restarts * steps`` optimizer steps in all, for 10 or 1,000 classes."""
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError("search: x and y must hold the same non-zero number of samples")
+    n_classes = int(y.unique().numel())
+    if restarts < 3 or restarts > n_classes:
+        raise ValueError(f"search: restarts must be in [3, {n_classes}] (the classes in y), got {restarts}")
+    vr = (float(x.min()), float(x.max()))
+    found: List[Trigger] = []
+    for r in range(restarts):
+        m, p, k = _optimize(model, x, y, None, steps=steps, lr=lr, l1=l1, batch_size=batch_size, seed=seed + r,
+                            init=None, kind="patch", alpha=0.0, value_range=vr, exclude=[t.target for t in found])
+        src = x[y != k]
+        found.append(Trigger(k, m, p, float(m.sum()), _success(model, src, m, p, k)))
+    return ScanResult(found, _anomaly([t.norm for t in found]))
 
 
 def backdoor_likely(before: Dict[str, float], after: Dict[str, float], threshold: float = 2.0) -> bool:

@@ -11,7 +11,7 @@ from tests.helpers import nets
 import nft_fast
 from nft_fast.config import PRESETS
 from nft_fast.purifier import Purifier, gather, recalibrate_bn
-from nft_fast.trigger import Trigger, _anomaly, scan, synthesize
+from nft_fast.trigger import Trigger, _anomaly, scan, search, synthesize, universal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,8 @@ def test_presets():
     d = nft_fast.NFTConfig()  # the reference stays exactly the paper's settings
     assert (d.adv_eps, d.trigger_weight, d.bn_recalibrate) == (0.0, 0.0, False)
     for bad in (dict(adv_eps=-0.1), dict(adv_steps=0), dict(trigger_top=0), dict(trigger_weight=float("nan")),
-                dict(trigger_steps=1.5)):
+                dict(trigger_steps=1.5), dict(trigger_search="all"), dict(trigger_restarts=2),
+                dict(trigger_universal=-0.1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             nft_fast.NFTConfig(**bad)
     assert set(PRESETS) >= {"reference", "strong"}
@@ -72,6 +73,26 @@ def test_scan_finds_the_backdoor_target(toy_backdoor):
         synthesize(model, xc[yc == 0], yc[yc == 0], 0)
 
 
+def test_search_finds_the_target_at_a_cost_flat_in_classes(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    state = copy.deepcopy(model.state_dict())
+    calls = []
+    h = model.register_forward_hook(lambda *a: calls.append(1))
+    res = search(model, xc, yc, restarts=3, steps=150, batch_size=64)
+    h.remove()
+    targets = [t.target for t in res.triggers]
+    assert len(set(targets)) == 3, targets  # every restart settles on a new class
+    assert res.suspect == 0, res.summary()
+    best = res.ranked()[0]
+    assert best.success > 0.8 and best.norm < 0.5 * min(t.norm for t in res.triggers if t.target != 0), res.summary()
+    # 3 x 150 optimizer steps plus one success pass per restart, whatever the number of classes
+    assert len(calls) == 3 * 150 + 3 * -(-xc.shape[0] // 512)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], state[k]) for k in sd)
+    with pytest.raises(ValueError, match="restarts must be in"):
+        search(model, xc, yc, restarts=5)
+
+
 def test_trigger_apply():
     m = torch.zeros(1, 4, 4)
     m[0, 3, 3] = 1
@@ -97,6 +118,40 @@ def test_strong_purify_removes_the_toy_backdoor(toy_backdoor):
     scan_info = res.history[0]["scan"]
     assert scan_info["trigger_suspect"] == 0 and scan_info["trigger_seconds"] > 0
     assert all("trigger_norm" in h for h in res.history)
+
+
+@pytest.mark.parametrize("over", [dict(trigger_search="agnostic", trigger_restarts=3), dict(trigger_universal=0.1)])
+def test_strong_variants_remove_the_toy_backdoor(toy_backdoor, over):
+    model, (xc, yc), test, poison = toy_backdoor
+    ev = lambda m: nft_fast.evaluate(m, test, poison, target=0)  # noqa: E731
+    before = ev(model)
+    cfg = nft_fast.NFTConfig.preset("strong", steps=60, rounds=3, batch_size=32, trigger_steps=60, **over)
+    res = nft_fast.purify(model, TensorDataset(xc, yc), cfg, progress=False)
+    after = ev(res.folded())
+    assert after["asr"] < 0.5 * before["asr"] and after["acc"] > before["acc"] - 0.15, (before, after)
+    info = res.history[0]["scan"]
+    assert info["trigger_suspect"] == 0 and info["trigger_search"] == cfg.trigger_search
+    if cfg.trigger_universal:
+        assert 0 <= info["universal_success"] <= 1
+
+
+def test_universal_perturbation(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    state = copy.deepcopy(model.state_dict())
+    u = universal(model, xc, yc, 0, rms=0.1, steps=60, batch_size=64)
+    span = float(xc.max() - xc.min())
+    assert u.delta.shape == xc.shape[1:] and u.norm <= 0.1 * span * (1 + 1e-5)
+    out = u.apply(xc)
+    assert float(out.min()) >= float(xc.min()) and float(out.max()) <= float(xc.max())
+    assert u.success > 0.5, u.success  # the backdoored toy net's target is reachable
+    none = universal(model, xc, yc, 0, rms=0.1, steps=0)
+    assert none.success < u.success and float(none.delta.abs().max()) == 0
+    again = universal(model, xc, yc, 0, rms=0.1, steps=5, init=u)  # warm start keeps it
+    assert again.success > 0.5
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], state[k]) for k in sd)
+    with pytest.raises(ValueError, match="no samples outside class 0"):
+        universal(model, xc[yc == 0], yc[yc == 0], 0)
 
 
 def _bn_state(model):
