@@ -76,8 +76,14 @@ class NFTConfig:
     # 1,000 classes).
     trigger_search: str = "classes"
     # > 0: also unlearn a universal additive trigger of the suspect class (RMS at most this
-    # fraction of the value range; nft_fast.trigger.universal), every step, next to the patch.
+    # fraction of the value range; nft_fast.trigger.universal), in turn with the patch trigger.
     trigger_universal: float = 0.0
+    # > 0: when the scan's anomaly index reaches this value (a small trigger found beyond
+    # doubt), only the patch trigger is unlearned, with weight trigger_confident_weight; below
+    # it the patch and the universal perturbation are unlearned in turn at trigger_weight.
+    # The decision and the index are in the scan's history entry (trigger_mode).
+    trigger_confident: float = 0.0
+    trigger_confident_weight: float = 3.0
     trigger_restarts: int = 4
     inversion_steps: int = 800
     inversion_eps: float = 0.07
@@ -105,7 +111,8 @@ class NFTConfig:
         if self.steps % self.rounds:
             raise ValueError(f"NFTConfig: steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
         for name in ("eta_min", "mixup_alpha", "reg_coef", "floor_beta", "adv_eps", "adv_weight", "trigger_weight",
-                     "trigger_l1", "trigger_min_anomaly", "trigger_blend", "trigger_universal", "inversion_mask_norm"):
+                     "trigger_l1", "trigger_min_anomaly", "trigger_blend", "trigger_universal", "trigger_confident",
+                     "trigger_confident_weight", "inversion_mask_norm"):
             _checks.number(name, getattr(self, name), owner=own)
         _checks.number("lr", self.lr, lo_open=True, owner=own)
         _checks.number("inversion_eps", self.inversion_eps, lo_open=True, owner=own)
@@ -158,6 +165,6 @@ class NFTConfig:
 PRESETS = {
     "reference": {},
     "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True,
-               "steps": 400, "rounds": 2, "reg_coef": 0.05},
+               "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.1, "trigger_confident": 3.0},
 }
 PRESETS["auto"] = dict(PRESETS["strong"], trigger_min_anomaly=2.0)

@@ -84,8 +84,9 @@ class Purifier:
             warnings.warn(slow_bf16, stacklevel=2)
         # BN buffers are snapshotted around the adversarial forwards so running statistics
         # reflect the (MixUp) clean batches only, as in the reference.
-        self.triggers: List[Trigger] = []  # unlearning triggers (NFTConfig.trigger_weight)
-        self.universal: Optional[Perturbation] = None  # NFTConfig.trigger_universal
+        # unlearning triggers (NFTConfig.trigger_weight), one per step in turn
+        self.triggers: List[Union[Trigger, Perturbation]] = []
+        self.trigger_weight = self.cfg.trigger_weight  # the scan may raise it (NFTConfig.trigger_confident)
         self._bn_buffers = bn_buffers(model)
         model.train()
 
@@ -155,7 +156,7 @@ class Purifier:
         self._grad.zero_()
         extra: Dict[str, torch.Tensor] = {}
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
-        use_trig = bool(self.triggers) and self.cfg.trigger_weight > 0
+        use_trig = bool(self.triggers) and self.trigger_weight > 0
         if (use_adv or use_trig) and self.channels_last:
             x = layout.like_model(x, True)
         if use_adv or use_trig:
@@ -171,11 +172,7 @@ class Purifier:
                     if bool(keep.any()):
                         xt = trig.apply(x[keep])
                         extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
-                        total = total + self.cfg.trigger_weight * extra["trigger_loss"]
-                        if self.universal is not None:
-                            xu = self.universal.apply(x[keep])
-                            extra["universal_loss"] = F.cross_entropy(self._forward(xu), y[keep])
-                            total = total + self.cfg.trigger_weight * extra["universal_loss"]
+                        total = total + self.trigger_weight * extra["trigger_loss"]
                 total.backward()
         else:
             loss.backward()
@@ -187,7 +184,7 @@ class Purifier:
         info = {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
         for k, v in extra.items():
             info[k] = float(v.detach())
-            info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.cfg.trigger_weight) * info[k]
+            info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.trigger_weight) * info[k]
         return info
 
 
@@ -450,10 +447,14 @@ def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dic
         if cfg.trigger_blend > 0:
             purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
                                              **scan_kwargs(cfg)) for t in purifier.triggers]
-        if cfg.trigger_universal > 0:
-            purifier.universal = universal(model, xs, ys, purifier.triggers[0].target, rms=cfg.trigger_universal,
-                                           batch_size=cfg.batch_size, seed=cfg.seed)
-            info["universal_success"] = purifier.universal.success
+        confident = 0 < cfg.trigger_confident <= found.max_anomaly
+        info["trigger_mode"] = "confident" if confident else "patch+universal" if cfg.trigger_universal > 0 else "patch"
+        purifier.trigger_weight = cfg.trigger_confident_weight if confident else cfg.trigger_weight
+        if cfg.trigger_universal > 0 and not confident:  # taken in turn with the patch triggers
+            u = universal(model, xs, ys, purifier.triggers[0].target, rms=cfg.trigger_universal,
+                          batch_size=cfg.batch_size, seed=cfg.seed)
+            purifier.triggers.append(u)
+            info["universal_success"] = u.success
     return info
 
 
@@ -470,11 +471,11 @@ def _run_round(purifier: Purifier, r: int, batches: Batches, bar, xs, ys) -> Dic
             purifier.triggers = [inversion.refresh(purifier.model, xs, ys, t, **kw) for t in purifier.triggers]
         else:
             kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
-            purifier.triggers = [synthesize(purifier.model, xs, ys, t.target, init=t, **kw) for t in purifier.triggers]
-            if purifier.universal is not None:
-                purifier.universal = universal(purifier.model, xs, ys, purifier.universal.target,
-                                               rms=cfg.trigger_universal, steps=20, batch_size=cfg.batch_size,
-                                               seed=cfg.seed + r, init=purifier.universal)
+            purifier.triggers = [
+                universal(purifier.model, xs, ys, t.target, rms=cfg.trigger_universal, steps=20,
+                          batch_size=cfg.batch_size, seed=cfg.seed + r, init=t)
+                if isinstance(t, Perturbation) else synthesize(purifier.model, xs, ys, t.target, init=t, **kw)
+                for t in purifier.triggers]
     losses, steps = 0.0, 0
     for x, y in batches.take(cfg.steps_per_round):
         info = purifier.step(x, y)

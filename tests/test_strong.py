@@ -256,7 +256,8 @@ def test_blend_trigger(toy_backdoor):
     assert again.kind == "blend" and torch.all(again.mask == 0.3)
     with pytest.raises(ValueError, match="kind"):
         synthesize(model, xc, yc, 0, steps=1, kind="warp")
-    cfg = nft_fast.NFTConfig.preset("strong", steps=4, rounds=2, batch_size=16, trigger_steps=5, trigger_blend=0.2)
+    cfg = nft_fast.NFTConfig.preset("strong", steps=4, rounds=2, batch_size=16, trigger_steps=5, trigger_blend=0.2,
+                                        trigger_universal=0.0)
     seen = []
     orig = Purifier.step
 

@@ -22,7 +22,7 @@ from ..machine import machine_info
 from ..masks import MaskSite, attach_masks, fold_masks, mask_sites
 from ..ops import set_backend
 from ..purifier import PurifyResult, purify, scan_kwargs
-from ..trigger import backdoor_likely, scan
+from ..trigger import backdoor_likely, scan, search
 from .report import PLOTS, REPORT_FILES, write_report
 
 PathLike = Union[str, os.PathLike]
@@ -210,7 +210,11 @@ def _signal(result: PurifyResult, plain: nn.Module, x: torch.Tensor, y: torch.Te
     scan0 = next((h["scan"] for h in result.history if "scan" in h), None)
     if scan0 is None:
         return None
-    after_scan = scan(plain, x, y, **scan_kwargs(cfg)).summary()
+    if cfg.trigger_search == "agnostic":  # the same search as before purification, flat in the classes
+        after_scan = search(plain, x, y, restarts=min(cfg.trigger_restarts, int(y.unique().numel())),
+                            **scan_kwargs(cfg)).summary()
+    else:
+        after_scan = scan(plain, x, y, **scan_kwargs(cfg)).summary()
     return {"before": scan0, "after": after_scan, "backdoor_likely": backdoor_likely(scan0, after_scan)}
 
 
