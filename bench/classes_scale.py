@@ -1,6 +1,8 @@
 """Cost of the trigger search against the number of classes: the per-class patch scan
-(``nft_fast.trigger.scan``, the ``strong`` preset) and the class-agnostic feature inversion
-(``nft_fast.inversion.invert``, ``trigger_kind="feature"``), side by side in one run.
+(``nft_fast.trigger.scan``, the ``strong`` preset), the class-agnostic patch search
+(``nft_fast.trigger.search``, ``trigger_search="agnostic"``) and the class-agnostic feature
+inversion (``nft_fast.inversion.invert``, ``trigger_kind="feature"``), side by side in one run
+(``--methods`` picks a subset).
 
 A synthetic task (``toy_images``: K classes, one clean image per class, at least 100 images) and
 an untrained zoo ResNet-18: the cost of a search does not depend on what the model learnt. The
@@ -27,13 +29,23 @@ def one(k: int, args) -> dict:
     from nft_fast import models
     from nft_fast.harness.datasets import toy_images
     from nft_fast.inversion import invert
-    from nft_fast.trigger import synthesize
+    from nft_fast.trigger import search, synthesize
 
     n = max(100, k)
     x, y = toy_images(n, num_classes=k, size=args.size, seed=0)
     torch.manual_seed(0)
     model = models.build("resnet18", num_classes=k, in_channels=1, width=args.width, image_size=args.size).eval()
     row = {"classes": k, "clean_images": n}
+    if "search" in args.methods:
+        t0 = time.perf_counter()
+        search(model, x, y, restarts=args.restarts, steps=args.scan_steps, batch_size=args.batch_size, seed=0)
+        row["search_seconds"] = time.perf_counter() - t0
+    if "inversion" in args.methods:
+        t0 = time.perf_counter()
+        invert(model, x, y, steps=args.inversion_steps, batch_size=args.batch_size, seed=0)
+        row["inversion_seconds"] = time.perf_counter() - t0
+    if "scan" not in args.methods:
+        return row
     t0 = time.perf_counter()
     done = 0
     for c in range(k):  # scan() in the loop form, so a budget can stop it between classes
@@ -44,9 +56,6 @@ def one(k: int, args) -> dict:
     scan_s = time.perf_counter() - t0
     row.update(scan_classes_run=done, scan_seconds=scan_s, scan_seconds_per_class=scan_s / done,
                scan_seconds_all_classes=scan_s / done * k, scan_extrapolated=done < k)
-    t0 = time.perf_counter()
-    invert(model, x, y, steps=args.inversion_steps, batch_size=args.batch_size, seed=0)
-    row["inversion_seconds"] = time.perf_counter() - t0
     return row
 
 
@@ -55,6 +64,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--scan-steps", type=int, default=150, help="per class (the strong preset's trigger_steps)")
     ap.add_argument("--inversion-steps", type=int, default=800, help="generator steps (NFTConfig.inversion_steps)")
+    ap.add_argument("--restarts", type=int, default=4, help="agnostic search restarts (NFTConfig.trigger_restarts)")
+    ap.add_argument("--methods", type=lambda s: s.split(","), default=["scan", "search", "inversion"],
+                    help="comma-separated subset of scan,search,inversion")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--size", type=int, default=16)
@@ -68,14 +80,20 @@ def main() -> None:
     lines = [f"# Trigger search cost against the number of classes ({date.today():%Y-%m-%d})", "",
              f"Machine: {describe(machine)}. Untrained zoo ResNet-18 (width {args.width}), {args.size}x{args.size} "
              f"grey synthetic images, max(100, K) clean images, batch {args.batch_size}. Patch scan: "
-             f"{args.scan_steps} steps per class; feature inversion: {args.inversion_steps} generator steps "
-             "(+ its identity and mask steps). `*`: extrapolated from the classes run within the budget.", "",
-             "| classes | scan s / class | scan s, all classes | inversion s | scan / inversion |",
+             f"{args.scan_steps} steps per class; agnostic search: {args.restarts} x {args.scan_steps} steps; feature "
+             f"inversion: {args.inversion_steps} generator steps (+ its identity and mask steps). `*`: extrapolated "
+             "from the classes run within the budget; `-`: not run.", "",
+             "| classes | scan s / class | scan s, all classes | agnostic search s | inversion s |",
              "|---:|---:|---:|---:|---:|"]
+
+    def cell(r, key, fmt="{:.0f}"):
+        return fmt.format(r[key]) if key in r else "-"
+
     for r in rows:
-        star = "*" if r["scan_extrapolated"] else ""
-        lines.append(f"| {r['classes']} | {r['scan_seconds_per_class']:.2f} | {r['scan_seconds_all_classes']:.0f}{star} | "
-                     f"{r['inversion_seconds']:.0f} | {r['scan_seconds_all_classes'] / r['inversion_seconds']:.1f} |")
+        star = "*" if r.get("scan_extrapolated") else ""
+        lines.append(f"| {r['classes']} | {cell(r, 'scan_seconds_per_class', '{:.2f}')} | "
+                     f"{cell(r, 'scan_seconds_all_classes')}{star} | {cell(r, 'search_seconds')} | "
+                     f"{cell(r, 'inversion_seconds')} |")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
