@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from . import _checks
+from .outdir import file_mode
 
 PathLike = Union[str, os.PathLike]
 
@@ -181,6 +182,7 @@ def _atomic_write(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 -> what open() gives (umask respected)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import _checks, inversion, layout, ops
+from . import _checks, inversion, layout, ops, resume
 from ._bn import bn_buffers, kept
 from ._loop import (Batches, check_batch_size, check_clean_data, check_model, fork_rng, model_device, num_samples,
                     progress_bar)
@@ -352,6 +352,7 @@ def purify(
     target=None,
     progress: bool = True,
     num_workers: int = 0,
+    checkpoint=None,
 ) -> PurifyResult:
     """Purify ``model`` with NFT on ``clean_data`` (a Dataset, sampled with replacement as
     in the reference, or a DataLoader, used as given and restarted when exhausted).
@@ -363,6 +364,12 @@ def purify(
     :func:`nft_fast.evaluate`'s ACC/ASR/RA. ``result.model`` is the masked model;
     ``result.folded()`` the plain one; both have the caller's train/eval mode and
     ``requires_grad`` flags (new masks trainable).
+
+    ``checkpoint`` (e.g. a :class:`nft_fast.resume.StateFolder`) saves the whole state at every
+    round boundary (after the trigger scan and after each round, :mod:`nft_fast.resume`); if
+    ``checkpoint.load()`` returns a saved state, purification continues from it with the same
+    result, bit for bit, as a run that was never stopped (a Dataset as clean data; the state's
+    config must be ``cfg``, else :class:`nft_fast.resume.StateError`).
 
     Every argument is checked before the model is copied or changed: ``cfg`` (again: a field
     changed after creation), the model (not on the meta device), the clean data ((x, y)
@@ -380,6 +387,8 @@ def purify(
     _, model_classes = check_clean_data(model, clean_data, "purify")
     if not isinstance(clean_data, DataLoader):  # a DataLoader's batches are the caller's
         check_batch_size(cfg.batch_size, num_samples(clean_data), "purify")
+    elif checkpoint is not None:
+        raise ValueError("purify: checkpoint needs a Dataset as clean_data (a DataLoader's position cannot be saved)")
     was_training = model.training  # the returned model gets the caller's mode and requires_grad flags
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     if evaluate_fn is None and (test_loader is not None or poison_loader is not None):
@@ -398,25 +407,47 @@ def purify(
     gen = torch.Generator().manual_seed(cfg.seed)
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
+    saved = checkpoint.load() if checkpoint is not None else None
     xs = ys = None
     if cfg.trigger_weight > 0 or cfg.bn_recalibrate:  # both need the clean set as tensors
         xs, ys = gather(clean_data)
-    trig_info = _arm_triggers(purifier, xs, ys) if cfg.trigger_weight > 0 else {}
-    if trig_info:
-        trig_info["trigger_seconds"] = time.perf_counter() - t_start
+    if saved is not None:  # everything up to its round boundary, as it was
+        trig_info = resume.restore(purifier, saved, gen)
+        history = saved.meta["history"]
+        t_start -= saved.meta["seconds"]
+    else:
+        trig_info = _arm_triggers(purifier, xs, ys) if cfg.trigger_weight > 0 else {}
+        if trig_info:
+            trig_info["trigger_seconds"] = time.perf_counter() - t_start
+    outer_rng = torch.get_rng_state()
+
+    def save(rounds_done: int) -> None:
+        checkpoint.save(resume.capture(purifier, gen, rounds_done, history, trig_info, time.perf_counter() - t_start,
+                                       outer_rng, inner=rounds_done > 0))
+
+    if checkpoint is not None and saved is None:
+        save(0)
+    start = 0 if saved is None else saved.round
     bar = progress_bar(cfg.steps, "NFT", progress)
-    with fork_rng(purifier.device):
-        torch.manual_seed(cfg.seed)  # transforms of the user's dataset draw from the global RNG
-        batches = Batches(clean_data, cfg.batch_size, gen, num_workers)
-        for r in range(cfg.rounds):
-            entry = _run_round(purifier, r, batches, bar, xs, ys)
-            if r == 0 and trig_info:
-                entry["scan"] = trig_info
-            if evaluate_fn is not None:
-                entry.update(evaluate_fn(model))
-                model.train()
-            history.append(entry)
-    bar.close()
+    bar.update(purifier.steps_done)
+    try:
+        with fork_rng(purifier.device):
+            torch.manual_seed(cfg.seed)  # transforms of the user's dataset draw from the global RNG
+            if start > 0:
+                resume.restore_inner_rng(saved, purifier.device)
+            batches = Batches(clean_data, cfg.batch_size, gen, num_workers)
+            for r in range(start, cfg.rounds):
+                entry = _run_round(purifier, r, batches, bar, xs, ys)
+                if r == 0 and trig_info:
+                    entry["scan"] = trig_info
+                if evaluate_fn is not None:
+                    entry.update(evaluate_fn(model))
+                    model.train()
+                history.append(entry)
+                if checkpoint is not None:
+                    save(r + 1)
+    finally:
+        bar.close()
     if cfg.bn_recalibrate:
         _recalibrate(model, xs, cfg, history, evaluate_fn)
     model.train(was_training)

@@ -12,6 +12,7 @@ from ..config import PRESETS, NFTConfig
 from ..evaluation import evaluate
 from ..machine import machine_info
 from ..ops import BackendUnavailable
+from ..outdir import Interrupted
 from .pipeline import UsageError, check_out_dir, inputs_from_files, purify_to_folder
 from .report import metrics_table
 
@@ -47,7 +48,7 @@ def run_purify(args: argparse.Namespace, title: str = "NFT purification") -> dic
         args.out, run=args.run, checkpoint=args.checkpoint, arch=args.arch, data=args.data, test_data=args.test_data,
         poison_data=args.poison_data, target=args.target, per_class_k=args.per_class, exclude=args.exclude,
         neurons=args.neurons, augment=args.augment, data_dir=args.data_dir, config=_cfg_from(args),
-        backend=args.backend, progress=not args.no_progress, title=title)
+        backend=args.backend, progress=not args.no_progress, title=title, resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_purify(args) -> int:
@@ -75,7 +76,11 @@ def cmd_train_backdoor(args) -> int:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
     out = Path(args.out)
     check_out_dir(out, [], RUN_FILES)
-    run = train(_spec_from(args), out, args.data_dir, progress=not args.no_progress)
+    try:
+        run = train(_spec_from(args), out, args.data_dir, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"nothing was written into {out} (a run folder is written when training ends); "
+                          "run the command again to train from the start") from None
     m = run["metrics"]
     print(metrics_table({f"backdoored ({args.attack})": dict(m, seconds=run["train_seconds"])}))
     print(f"run folder: {out} (model.safetensors, run.json)")
@@ -103,7 +108,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), progress=not args.no_progress, data_dir=args.data_dir, preset=args.preset)
+    run_demo(Path(args.out), progress=not args.no_progress, data_dir=args.data_dir, preset=args.preset,
+             resume=args.resume)
     return 0
 
 
@@ -156,7 +162,8 @@ def _add_purify(sub) -> None:
     p.add_argument("--arch", help=f"architecture: {', '.join(sorted(models.ARCHS))}")
     p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,), "
                                   "or an image folder (one sub-folder per class)")
-    p.add_argument("--out", required=True, help="output directory (created; inputs are never overwritten)")
+    p.add_argument("--out", required=True, help="output directory (created; an earlier run's outputs in it are replaced "
+                                                "only with --overwrite; inputs are never overwritten)")
     p.add_argument("--test-data", help="clean test set (.npz/.safetensors with x, y) for ACC")
     p.add_argument("--poison-data", help="triggered test set (x, y true labels, optional y_target) for ASR/RA")
     p.add_argument("--target", type=int, default=0, help="attack target class when --poison-data has no y_target")
@@ -164,6 +171,11 @@ def _add_purify(sub) -> None:
     p.add_argument("--exclude", nargs="*", default=None, help="module names left unmasked (default: the arch's stem norm)")
     p.add_argument("--neurons", action="store_true", help="also mask Linear/Conv outputs not followed by a norm")
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) + flip on the clean set, as the reference")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last round (same inputs and options; the "
+                        "result is identical to an uninterrupted run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out (only those files)")
     p.add_argument("--no-progress", action="store_true")
     _add_data_dir(p)
     _add_cfg_args(p)
@@ -218,6 +230,7 @@ def _add_demo(sub) -> None:
     d.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
     d.add_argument("--preset", choices=tuple(PRESETS), default="strong",
                    help="NFT configuration (default strong; reference = the paper's settings)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo purification in --out")
     d.add_argument("--no-progress", action="store_true")
     _add_data_dir(d)
     d.set_defaults(func=cmd_demo)
@@ -278,9 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; errors end in one line on stderr and exit code 2, Ctrl-C in one line
+    (what was saved, how to continue) and exit code 130."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
+    except KeyboardInterrupt as e:
+        note = " ".join(getattr(e, "note", "").split())
+        print(f"nft-fast: interrupted{': ' + note if note else ''}", file=sys.stderr, flush=True)
+        return 130
     except (ValueError, OSError, BackendUnavailable, FloatingPointError, MemoryError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # always one line
         if isinstance(e, MemoryError):

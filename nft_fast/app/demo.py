@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..harness.runs import BackdoorSpec, cached_run
 from ..config import NFTConfig
+from ..outdir import Interrupted
 from .pipeline import purify_to_folder
 from .report import metrics_table
 
@@ -22,14 +23,20 @@ DEMO_SPEC = BackdoorSpec(attack="badnets", attack_params={"target": 0}, arch="pr
 
 
 def run_demo(out: Path, progress: bool = True, data_dir=None, spec: BackdoorSpec = DEMO_SPEC,
-             preset: str = "strong", steps: Optional[int] = None) -> dict:
-    """Train (or reuse) ``spec``'s backdoored model, purify it into ``out`` and print the result."""
+             preset: str = "strong", steps: Optional[int] = None, resume: bool = False) -> dict:
+    """Train (or reuse) ``spec``'s backdoored model, purify it into ``out`` (replacing an earlier
+    demo's outputs there; ``resume``: continue an interrupted purification) and print the result."""
     cfg = NFTConfig.preset(preset) if steps is None else NFTConfig.preset(preset, steps=steps)
     steps = cfg.steps
     t0 = time.perf_counter()
-    run = cached_run(spec, data_dir, progress)
+    try:
+        run = cached_run(spec, data_dir, progress)
+    except KeyboardInterrupt:
+        raise Interrupted("the backdoored model's training was stopped and nothing was cached; run the demo again "
+                          "to train it from the start") from None
     report = purify_to_folder(out, run=str(run.folder), data_dir=data_dir, config=cfg, progress=progress,
-                              title=f"NFT demo: {spec.attack} on {spec.dataset}, {spec.arch} (width {spec.width})")
+                              title=f"NFT demo: {spec.attack} on {spec.dataset}, {spec.arch} (width {spec.width})",
+                              resume=resume, overwrite=True)
     before = dict(report["before"], seconds=run.run["train_seconds"])
     print()
     print(f"{spec.attack} backdoor, {spec.arch} width {spec.width} on {spec.dataset}; "

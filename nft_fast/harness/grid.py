@@ -19,6 +19,7 @@ from torch.utils.data import TensorDataset
 from ..evaluation import evaluate
 from .runs import BackdoorSpec, cached_run, poison_loader
 from ..io import write_json, write_text
+from ..outdir import FolderLock, Interrupted
 from ..trigger import scan
 
 SETTINGS = {"1pct": None, "oneshot": 1}
@@ -147,6 +148,28 @@ def _run_row(attack: str, setting: str, defense: str, run, x, y, test, poison, b
     return row
 
 
+#: Row keys naming what, besides the cell (attack, setting, defense, seed), made a row: a rerun
+#: into the same folder reuses a finished row only when they match.
+SPEC_KEYS = ("dataset", "arch", "width", "epochs", "train_subset")
+
+
+def _cell_key(r: dict) -> tuple:
+    return r.get("attack"), r.get("setting"), r.get("defense"), r.get("seed", 0)
+
+
+def finished_rows(out: Path, spec: dict) -> dict:
+    """The rows of ``out/grid.json`` made with ``spec`` (:data:`SPEC_KEYS`), by cell; rows
+    without those keys (written before they were recorded) are not reused."""
+    try:
+        rows = json.loads((out / "grid.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(rows, list):
+        return {}
+    return {_cell_key(r): r for r in rows
+            if isinstance(r, dict) and all(k in r and r[k] == v for k, v in spec.items())}
+
+
 def run_grid(
     out: Union[str, os.PathLike],
     *,
@@ -169,7 +192,12 @@ def run_grid(
 
     A seed makes an independent backdoored model: it seeds the defender/attacker split, the
     poisoning and the training, and picks the one-shot images. With several seeds the tables
-    give mean ± sd and the worst model per attack and defense."""
+    give mean ± sd and the worst model per attack and defense.
+
+    Rerun with the same ``out`` (after Ctrl-C or a crash), it reuses the finished rows of
+    ``grid.json`` for the same attack, setting, defense and seed (and the same dataset, arch,
+    width, epochs, train_subset; for a ``signal`` defense, the same ``signal_steps``) and runs
+    only the rest. One run at a time per ``out`` (a lock file)."""
     attacks, defenses, settings, signal = list(attacks), list(defenses), list(settings), list(signal)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
@@ -179,27 +207,63 @@ def run_grid(
         raise ValueError(f"unknown settings {bad}; known: {', '.join(SETTINGS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out)
+    lock.acquire(print)
+    rows: List[dict] = []
+    try:
+        return _grid(out, rows, attacks, defenses, settings, dataset, arch, width, epochs, train_subset, seeds, signal,
+                     signal_steps, data_dir, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{len(rows)} finished rows are in {out / 'grid.json'}; run the same command again to "
+                          "continue (finished cells are skipped)") from None
+    finally:
+        lock.release()
+
+
+def _grid(out: Path, rows: List[dict], attacks, defenses, settings, dataset, arch, width, epochs, train_subset, seeds,
+          signal, signal_steps, data_dir, progress) -> List[dict]:
     join = ",".join
     command = _grid_command(attacks=join(attacks), defenses=join(defenses), settings=join(settings), dataset=dataset,
                             arch=arch, width=width, epochs=epochs, train_subset=train_subset,
                             seeds=join(map(str, seeds)),
                             signal=join(signal) if signal else None, out=str(out))
-    rows: List[dict] = []
+    made = dict(dataset=dataset, arch=arch, width=width, epochs=epochs, train_subset=train_subset)
+    done = finished_rows(out, made)
+
+    def reusable(attack, setting, d, seed) -> Optional[dict]:
+        r = done.get((attack, setting, d, seed))
+        if r is not None and d in signal and not ("trigger_anomaly" in r and r.get("signal_steps") == signal_steps):
+            return None
+        return r
+
+    title = f"{dataset} / {arch} (width {width})"
+    reused = 0
     for attack in attacks:
         for seed in seeds:
-            spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=arch, width=width, dataset=dataset,
-                                epochs=epochs, seed=seed, train_subset=train_subset)
-            run = cached_run(spec, data_dir, progress=progress)
-            test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)
-            base = evaluate(run.model, test, poison)
+            run = test = poison = base = None
             for setting in settings:
-                x, y = run.data.clean_set(per_class=SETTINGS[setting], seed=seed)
+                x = y = None
                 for d in defenses:
-                    row = _run_row(attack, setting, d, run, x, y, test, poison, base, d in signal, signal_steps, seed,
-                                   progress)
-                    row["seed"] = seed
+                    row = reusable(attack, setting, d, seed)
+                    if row is None:
+                        if run is None:  # only when a cell of this model is left to run
+                            spec = BackdoorSpec(attack=attack, attack_params={"target": 0}, arch=arch, width=width,
+                                                dataset=dataset, epochs=epochs, seed=seed, train_subset=train_subset)
+                            run = cached_run(spec, data_dir, progress=progress)
+                            test, poison = run.data.test_loader(), poison_loader(run.attack, run.data)
+                            base = evaluate(run.model, test, poison)
+                        if x is None:
+                            x, y = run.data.clean_set(per_class=SETTINGS[setting], seed=seed)
+                        row = _run_row(attack, setting, d, run, x, y, test, poison, base, d in signal, signal_steps,
+                                       seed, progress)
+                        row.update(made, seed=seed)
+                        if d in signal:
+                            row["signal_steps"] = signal_steps
+                        print(json.dumps(row), flush=True)
+                    else:
+                        reused += 1
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    write_tables(rows, defenses, out, command,
-                                 title=f"{spec.dataset} / {spec.arch} (width {spec.width})")
+                    write_tables(rows, defenses, out, command, title=title)
+    if reused:
+        print(f"grid: reused {reused} finished rows of {out / 'grid.json'}", flush=True)
     return rows

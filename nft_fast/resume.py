@@ -1,0 +1,247 @@
+"""purify's state at round boundaries, for ``purify(..., checkpoint=...)``: everything a resumed
+run needs to continue as if it had never stopped, so that its masks and history are
+bit-identical to an uninterrupted run's.
+
+A :class:`RoundState` after ``round`` rounds (0: after the trigger scan, before round 1) holds,
+as tensors, the masks, the momentum buffer, every buffer of the model (BatchNorm statistics),
+the unlearning triggers and the RNG states (torch's global generator inside and outside
+purify's fork of it, the Purifier's torch generator, the batch sampler's generator; CUDA's
+where used), and as JSON the step counter, the Purifier's numpy generator, the history so far,
+the scan summary, the triggers' metadata, the config and whatever the caller adds (a fingerprint
+of its inputs). :class:`StateFolder` keeps the latest one in a folder as
+``round-NNNN.safetensors`` + ``round-NNNN.json``: no pickle, each file written atomically, the
+JSON (second) naming the SHA-256 of the tensors, so a state is used only when both are whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from . import inversion
+from .io import _atomic_write, safetensors_header
+from .outdir import deferred_interrupt, fsync_dir
+from .trigger import Perturbation, Trigger
+
+FORMAT = 1
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class RoundState:
+    """purify's state after ``round`` rounds: ``tensors`` and JSON-able ``meta``."""
+
+    round: int
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+class StateError(ValueError):
+    """A saved state that does not belong to this run (another config, model or clean set)."""
+
+
+# --- what is saved ------------------------------------------------------------------------
+
+def _trigger_state(i: int, t) -> tuple:
+    p = f"trigger.{i}."
+    if isinstance(t, Trigger):
+        return {"type": "patch", "target": t.target, "norm": t.norm, "success": t.success, "kind": t.kind}, \
+            {p + "mask": t.mask, p + "pattern": t.pattern}
+    if isinstance(t, Perturbation):
+        return {"type": "universal", "target": t.target, "norm": t.norm, "success": t.success, "kind": t.kind,
+                "value_range": list(t.value_range)}, {p + "delta": t.delta}
+    if isinstance(t, inversion.FeatureTrigger):
+        g = t.generator
+        first = g.enc1[0]
+        meta = {"type": "feature", "target": t.target, "norm": t.norm, "success": t.success, "kind": t.kind,
+                "channels": first.in_channels, "dims": 2 if isinstance(first, nn.Conv2d) else 3,
+                "width": first.out_channels, "lo": g.lo, "hi": g.hi, "bound": g.bound}
+        tensors = {p + "mask": t.mask, **{p + "generator." + k: v for k, v in g.state_dict().items()}}
+        return meta, tensors
+    raise TypeError(f"cannot save an unlearning trigger of type {type(t).__name__}")
+
+
+def _trigger_from(i: int, meta: dict, tensors: Dict[str, torch.Tensor], device: torch.device):
+    p = f"trigger.{i}."
+    kind = meta["type"]
+    if kind == "patch":
+        return Trigger(meta["target"], tensors[p + "mask"].to(device), tensors[p + "pattern"].to(device),
+                       meta["norm"], meta["success"], meta["kind"])
+    if kind == "universal":
+        return Perturbation(meta["target"], tensors[p + "delta"].to(device), tuple(meta["value_range"]), meta["norm"],
+                            meta["success"], meta["kind"])
+    if kind == "feature":
+        with torch.random.fork_rng(devices=[]):  # its initialisation draws from the global RNG
+            g = inversion.Generator(meta["channels"], meta["dims"], meta["width"], meta["lo"], meta["hi"], meta["bound"])
+        g.load_state_dict({k[len(p + "generator."):]: v for k, v in tensors.items() if k.startswith(p + "generator.")})
+        g.eval()
+        for q in g.parameters():
+            q.requires_grad_(False)
+        return inversion.FeatureTrigger(g, tensors[p + "mask"], meta["norm"], meta["success"], meta["target"],
+                                        meta["kind"])
+    raise StateError(f"unknown trigger type {kind!r} in a saved state")
+
+
+def capture(purifier, batches_gen: torch.Generator, rounds_done: int, history: List[dict], scan: dict,
+            seconds: float, outer_rng: torch.Tensor, inner: bool) -> RoundState:
+    """The state of ``purify`` after ``rounds_done`` rounds. ``inner``: inside its fork of the
+    global RNG (after round 1 and later), whose state is then saved too."""
+    tensors: Dict[str, torch.Tensor] = {
+        "purifier.mask": purifier._mask, "purifier.momentum": purifier._buf,
+        "rng.purifier": purifier._gen.get_state(), "rng.batches": batches_gen.get_state(), "rng.torch_outer": outer_rng,
+    }
+    dev = purifier.device
+    if inner:
+        tensors["rng.torch"] = torch.get_rng_state()
+        if dev.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(dev)
+    for name, b in purifier.model.named_buffers():
+        tensors["buffer." + name] = b
+    triggers = []
+    for i, t in enumerate(purifier.triggers):
+        meta, ts = _trigger_state(i, t)
+        triggers.append(meta)
+        tensors.update(ts)
+    meta = {
+        "format": FORMAT, "round": rounds_done, "rounds": purifier.cfg.rounds, "steps_done": purifier.steps_done,
+        "config": purifier.cfg.to_dict(), "numpy_rng": purifier._rng.bit_generator.state,
+        "trigger_weight": purifier.trigger_weight, "triggers": triggers, "scan": scan, "history": history,
+        "seconds": seconds,
+    }
+    # a snapshot: later steps change the tensors in place
+    return RoundState(rounds_done, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()},
+                      json.loads(json.dumps(meta, default=float)))
+
+
+def check_config(state: RoundState, cfg) -> None:
+    """:class:`StateError` naming the fields where ``state`` was saved with another config."""
+    saved, now = state.meta.get("config", {}), json.loads(json.dumps(cfg.to_dict(), default=float))
+    diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise StateError(f"the saved state was made with another config ({'; '.join(diff[:6])})")
+
+
+def restore(purifier, state: RoundState, batches_gen: torch.Generator) -> dict:
+    """Put ``purifier`` (its model, masks, momentum, generators, triggers) and the sampler's
+    generator back into ``state``; sets torch's global RNG to its state outside purify's fork.
+    Returns the scan summary."""
+    t, meta = state.tensors, state.meta
+    check_config(state, purifier.cfg)
+
+    def put(dst: torch.Tensor, name: str) -> None:
+        src = t.get(name)
+        if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
+            got = "missing" if src is None else f"{src.dtype} {tuple(src.shape)}"
+            raise StateError(f"the saved state does not fit the model: {name} is {got}, the model's {dst.dtype} "
+                             f"{tuple(dst.shape)}")
+        with torch.no_grad():
+            dst.copy_(src)
+
+    buffers = dict(purifier.model.named_buffers())
+    extra = [k[len("buffer."):] for k in t if k.startswith("buffer.") and k[len("buffer."):] not in buffers]
+    if extra:
+        raise StateError(f"the saved state does not fit the model: it has buffers the model has not ({extra[:3]})")
+    put(purifier._mask, "purifier.mask")
+    put(purifier._buf, "purifier.momentum")
+    for name, b in buffers.items():
+        put(b, "buffer." + name)
+    purifier.steps_done = int(meta["steps_done"])
+    purifier._rng.bit_generator.state = meta["numpy_rng"]
+    purifier._gen.set_state(t["rng.purifier"])
+    batches_gen.set_state(t["rng.batches"])
+    purifier.trigger_weight = meta["trigger_weight"]
+    purifier.triggers = [_trigger_from(i, m, t, purifier.device) for i, m in enumerate(meta["triggers"])]
+    torch.set_rng_state(t["rng.torch_outer"])
+    return meta["scan"]
+
+
+def restore_inner_rng(state: RoundState, device: torch.device) -> None:
+    """Inside purify's fork of the global RNG: its state at the boundary (rounds 1 and later)."""
+    if "rng.torch" in state.tensors:
+        torch.set_rng_state(state.tensors["rng.torch"])
+    if "rng.cuda" in state.tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(state.tensors["rng.cuda"], device)
+
+
+# --- on disk --------------------------------------------------------------------------------
+
+_NAME = re.compile(r"round-(\d{4,})\.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class StateFolder:
+    """The latest :class:`RoundState` of a run in ``folder`` (created on the first save)."""
+
+    def __init__(self, folder: PathLike) -> None:
+        self.folder = Path(folder)
+
+    def _rounds(self) -> List[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted((int(m.group(1)) for p in self.folder.iterdir() if (m := _NAME.fullmatch(p.name))), reverse=True)
+
+    def exists(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.iterdir())
+
+    def latest_meta(self) -> Optional[dict]:
+        """The JSON of the newest complete state (tensors not read), or None."""
+        state = self._read(tensors=False)
+        return None if state is None else state.meta
+
+    def load(self) -> Optional[RoundState]:
+        """The newest complete state, or None if there is none."""
+        return self._read(tensors=True)
+
+    def _read(self, tensors: bool) -> Optional[RoundState]:
+        from safetensors.torch import load_file
+
+        for r in self._rounds():
+            js, st = self.folder / f"round-{r:04d}.json", self.folder / f"round-{r:04d}.safetensors"
+            try:
+                meta = json.loads(js.read_text())
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT or not st.is_file():
+                    continue
+                if not tensors:
+                    return RoundState(r, {}, meta)
+                if _sha256(st) != meta.get("tensors_sha256"):
+                    continue
+                safetensors_header(st)  # well-formed before anything is allocated
+                return RoundState(r, load_file(str(st)), meta)
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue
+        return None
+
+    def save(self, state: RoundState) -> None:
+        """Write ``state`` (tensors first, then the JSON naming their digest) and drop older ones."""
+        from safetensors.torch import save
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        r = state.round
+        st, js = self.folder / f"round-{r:04d}.safetensors", self.folder / f"round-{r:04d}.json"
+        data = save({k: v.contiguous() for k, v in state.tensors.items()})
+        meta = dict(state.meta, tensors_sha256=hashlib.sha256(data).hexdigest())
+        with deferred_interrupt():
+            _atomic_write(st, lambda f: f.write(data))
+            _atomic_write(js, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+            fsync_dir(self.folder)
+            for p in self.folder.iterdir():  # older rounds, and leftovers of a killed write
+                if p.name not in (st.name, js.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
