@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -245,3 +246,230 @@ class StateFolder:
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- training at epoch boundaries -------------------------------------------------------------
+
+def capture_training(epochs_done: int, epochs: int, model: nn.Module, opt: torch.optim.Optimizer, sched,
+                     gen: torch.Generator, seconds: float) -> RoundState:
+    """A classifier's training state after ``epochs_done`` epochs (inside its fork of the global
+    RNG): weights and buffers, the optimizer's and scheduler's state, the loader's generator."""
+    tensors = {"model." + k: v for k, v in model.state_dict().items()}
+    opt_state = opt.state_dict()
+    slots = {}
+    for idx, st in opt_state["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{idx}.{k}"] = v
+            else:
+                slots[f"{idx}.{k}"] = v
+    tensors["rng.loader"] = gen.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"format": FORMAT, "round": epochs_done, "rounds": epochs, "opt_groups": opt_state["param_groups"],
+            "opt_slots": slots, "sched": sched.state_dict(), "seconds": seconds}
+    return RoundState(epochs_done, {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()},
+                      json.loads(json.dumps(meta, default=float)))
+
+
+def restore_training(state: RoundState, model: nn.Module, opt: torch.optim.Optimizer, sched,
+                     gen: torch.Generator) -> int:
+    """Put a :func:`capture_training` state back (inside the training's RNG fork); returns the
+    epochs done."""
+    t, meta = state.tensors, state.meta
+    own = model.state_dict()
+    saved = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+    if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
+        raise StateError("the saved training state does not fit the model")
+    model.load_state_dict(saved)
+    per: Dict[int, Dict[str, Any]] = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            per.setdefault(int(idx), {})[name] = v
+    for k, v in meta["opt_slots"].items():
+        idx, name = k.split(".", 1)
+        per.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": per, "param_groups": meta["opt_groups"]})
+    sched.load_state_dict(meta["sched"])
+    gen.set_state(t["rng.loader"])
+    torch.set_rng_state(t["rng.torch"])
+    return int(state.round)
+
+
+# --- a command's output folder ---------------------------------------------------------------
+
+RESUME_DIR = ".resume"
+
+
+class FolderError(ValueError):
+    """What an output folder does not allow: another run's outputs without ``overwrite``, an
+    interrupted run's state without ``resume``, a state of other inputs (the command line
+    prints it in one line, exit code 2)."""
+
+
+def _rounds_where(meta: dict) -> str:
+    k, n = meta.get("round", 0), meta.get("rounds", "?")
+    return f"after round {k} of {n}" if k else f"after the trigger scan, before round 1 of {n}"
+
+
+class RunFolder:
+    """A command's hold on its output folder ``out`` (the files ``names``, ``marker`` among them
+    written last), from the moment its inputs are known to be good:
+
+    - :meth:`check` (before anything is loaded; again under the lock): no other live run in it,
+      an earlier run's outputs replaced only with ``overwrite`` (or by ``resume`` of the run that
+      was writing them), an interrupted run's state continued with ``resume`` or dropped with
+      ``overwrite``, never silently;
+    - :meth:`begin` takes the lock (creating ``out``); :meth:`load` / :meth:`save` are the
+      ``checkpoint`` protocol of :func:`nft_fast.purifier.purify` and of training: the latest
+      state in ``out/.resume``, refused if its ``fingerprint`` differs from this run's;
+    - :meth:`write` stages the outputs and moves them into place as a set, then drops the state
+      and releases the lock; :meth:`run` wraps the work so that Ctrl-C raises
+      :class:`~nft_fast.outdir.Interrupted` with :meth:`note` and an error cleans up (:meth:`fail`).
+    """
+
+    def __init__(self, out: PathLike, names, marker: str, *, resume: bool = False, overwrite: bool = False,
+                 log=None, where=_rounds_where, option: str = "--out") -> None:
+        from .outdir import FolderLock, OutputSet
+
+        self.out, self.names, self.marker = Path(out), tuple(names), marker
+        self.resume, self.overwrite, self.where, self.option = resume, overwrite, where, option
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.fingerprint: Dict[str, Any] = {}
+        self.state = StateFolder(self.out / RESUME_DIR)
+        self.outputs = OutputSet(self.out, self.names, marker=marker)
+        self.lock = FolderLock(self.out, option)
+        self.made: List[Path] = []
+        self.begun = self.wrote = self.done = False
+        self.resumed: Optional[int] = None
+
+    def check(self, locked: bool = False) -> None:
+        out, opt = self.out, self.option
+        if not out.is_dir():
+            return
+        if not locked:
+            self.lock.check()
+        meta = self.state.latest_meta()
+        if meta is not None and not (self.resume or self.overwrite):
+            raise FolderError(f"{opt} {out} holds the saved state of an interrupted run ({self.where(meta)}): add "
+                              "--resume to continue it, or --overwrite to start again")
+        old = self.outputs.existing()
+        if old and self.resume and meta is None and not self.overwrite:
+            raise FolderError(f"{opt} {out} has no interrupted run to resume: it holds the outputs of a finished run "
+                              f"({', '.join(old)}); add --overwrite (without --resume) to run again, or choose "
+                              f"another {opt}")
+        if old and not self.overwrite and not (self.resume and meta is not None):
+            raise FolderError(f"{opt} {out} already holds the outputs of an earlier run ({', '.join(old)}): add "
+                              f"--overwrite to replace them (nothing else in {out} is touched), or choose another {opt}")
+
+    def begin(self) -> None:
+        if self.begun:
+            return
+        d = self.out
+        while not d.exists() and d.parent != d:
+            self.made.append(d)
+            d = d.parent
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire(self.log)
+        self.begun = True
+        self.outputs.remove_stale_staging()
+        self.check(locked=True)  # again: another run may have finished meanwhile
+        if not self.resume and self.state.exists():
+            self.state.clear()  # --overwrite: the interrupted run is dropped
+
+    def load(self) -> Optional[RoundState]:
+        self.begin()
+        saved = self.state.load() if self.resume else None
+        if self.resume and saved is None:
+            self.log(f"nft-fast: no saved state in {self.state.folder}: starting from the beginning")
+        if saved is not None:
+            diff = _differences(saved.meta.get("fingerprint", {}), self.fingerprint)
+            if diff:
+                raise FolderError(f"cannot --resume in {self.out}: its saved state is of another run "
+                                  f"({'; '.join(diff)}); start again with --overwrite instead of --resume, or choose "
+                                  f"another {self.option}")
+            self.resumed = saved.round
+            self.log(f"nft-fast: resuming {self.out} {self.where(saved.meta)}")
+        return saved
+
+    def save(self, state: RoundState) -> None:
+        state.meta["fingerprint"] = self.fingerprint
+        self.state.save(state)
+        self.wrote = True
+
+    def write(self, write_into) -> None:
+        """``write_into(folder)`` writes the outputs into a staging folder; they replace the
+        earlier set as a unit, then the saved state is dropped and the lock released."""
+        from .outdir import deferred_interrupt
+
+        self.begin()
+        write_into(self.outputs.stage())
+        with deferred_interrupt():
+            self.outputs.commit()
+            self.done = True
+            self.state.clear()
+            self.lock.release()
+
+    def fail(self, exc: BaseException) -> None:
+        """After ``exc``: drop the staging folder and the lock; the saved state too when the error
+        is one a rerun would meet again (bad values); folders made here if left empty."""
+        self.outputs.discard()
+        if self.wrote and not self.done and isinstance(exc, (ValueError, TypeError, FloatingPointError)):
+            self.state.clear()
+        self.lock.release()
+        for d in self.made:  # deepest first; only if empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def note(self) -> str:
+        """One line for Ctrl-C: what was saved and how to continue."""
+        if self.done:
+            return f"the outputs in {self.out} are complete"
+        meta = self.state.latest_meta() if self.begun else None
+        if meta is None:
+            return f"nothing was saved; {self.out} holds what it held before"
+        return (f"the state {self.where(meta)} is saved in {self.state.folder}; run the same command with --resume "
+                "to continue")
+
+    def run(self, work):
+        """``work()``; Ctrl-C becomes :class:`~nft_fast.outdir.Interrupted` with :meth:`note`, any
+        error cleans up first (:meth:`fail`)."""
+        from .outdir import Interrupted
+
+        try:
+            return work()
+        except KeyboardInterrupt:
+            self.fail(KeyboardInterrupt())
+            raise Interrupted(self.note()) from None
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+
+def _differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
+    out = []
+    for key in now:
+        a, b = saved.get(key), now[key]
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            fields = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            out.append(f"{key}: {', '.join(fields[:4])}")
+        else:
+            out.append(f"the {key}")
+    return out
+
+
+def digest(*tensors: Optional[torch.Tensor]) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes (a fingerprint of inputs)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"-")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()

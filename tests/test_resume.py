@@ -29,7 +29,8 @@ from nft_fast import NFTConfig, models, purify
 from nft_fast.app import pipeline
 from nft_fast.app.cli import main
 from nft_fast.data import ArrayDataset
-from nft_fast.harness import grid
+from nft_fast.harness import datasets, grid
+from nft_fast.harness.train import train_classifier
 from nft_fast.io import save_state_dict
 from nft_fast.outdir import LOCK_NAME
 from nft_fast.purifier import Purifier
@@ -44,8 +45,8 @@ OUTPUTS = {"purified.safetensors", "masks.safetensors", "report.json", "report.m
 
 # Runs the command line in a fresh process, stopped at a chosen point: "step=K" SIGKILLs itself
 # before step K, "mid-save" between the tensors and the JSON of round 2's state, "commit" after
-# two outputs were moved into place, "pause" sleeps once round 1's state is saved (the test
-# then signals it).
+# two outputs were moved into place, "epoch" once the first epoch's state is saved, "pause"
+# sleeps once round 1's state is saved (the test then signals it).
 HELPER = r"""
 import os, signal, sys, time
 import torch
@@ -53,7 +54,6 @@ torch.set_num_threads(1)
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever the test runner set
 from nft_fast import resume
 from nft_fast.purifier import Purifier
-from nft_fast.app import pipeline
 from nft_fast.app.cli import main
 
 mode, argv = sys.argv[1], sys.argv[2:]
@@ -81,13 +81,20 @@ elif mode == "commit":
             moved.append(dst)
         return replace(src, dst)
     os.replace = stop
+elif mode == "epoch":
+    save = resume.RunFolder.save
+    def stop(self, state):
+        save(self, state)
+        if state.round == 1:
+            kill()
+    resume.RunFolder.save = stop
 elif mode == "pause":
-    save = pipeline._Job.save
+    save = resume.RunFolder.save
     def stop(self, state):
         save(self, state)
         if state.round == 1:
             time.sleep(300)
-    pipeline._Job.save = stop
+    resume.RunFolder.save = stop
 sys.exit(main(argv))
 """
 
@@ -338,7 +345,8 @@ def test_ctrl_c_in_train_backdoor_and_demo(tmp_path, capsys, monkeypatch):
     from nft_fast.harness import runs
 
     monkeypatch.setattr(runs, "train", _ctrl_c)
-    one_line_130(capsys, ["train-backdoor", "--out", tmp_path / "run", "--no-progress"], "nothing was written")
+    one_line_130(capsys, ["train-backdoor", "--out", tmp_path / "run", "--no-progress"], "nothing was saved")
+    assert not (tmp_path / "run").exists()
     monkeypatch.setattr(demo, "cached_run", _ctrl_c)
     one_line_130(capsys, ["demo", "--out", tmp_path / "demo", "--no-progress"], "run the demo again")
 
@@ -379,3 +387,57 @@ def test_grid_skips_finished_cells(tmp_path, capsys, monkeypatch):
     assert cli(capsys, args)[0] == 0 and len(done) == 4  # all finished: nothing runs
     assert cli(capsys, args + ["--width", "4"])[0] == 0 and len(done) == 8  # another model: nothing reused
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# --- train-backdoor at epoch boundaries -------------------------------------------------------
+
+class Trap(torch.utils.data.Dataset):
+    """Ctrl-C at the ``at``-th item read (in the middle of an epoch)."""
+
+    def __init__(self, x, y, at=None):
+        self.x, self.y, self.at, self.reads = x, y, at, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.at:
+            raise KeyboardInterrupt
+        return self.x[i], self.y[i]
+
+
+def test_api_training_resume_is_bit_identical(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(64, 1, SIZE, SIZE, generator=g), torch.arange(64) % CLASSES
+    kw = dict(epochs=3, batch_size=16, lr=0.05, seed=1, progress=False)
+    plain = train_classifier(build(), Trap(x, y), **kw).state_dict()
+    folder = StateFolder(tmp_path / "state")
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(build(), Trap(x, y, at=64 + 40), checkpoint=folder, **kw)
+    assert folder.latest_meta()["round"] == 1
+    resumed = train_classifier(build(), Trap(x, y), checkpoint=folder, **kw).state_dict()
+    assert all(torch.equal(plain[k], resumed[k]) for k in plain)
+
+
+@pytest.mark.skipif(not (datasets.data_dir() / datasets.FASHION_MNIST_FILES["train"][0]).is_file(),
+                    reason="dataset-fashion-mnist not installed")
+def test_train_backdoor_sigkill_then_resume(tmp_path, capsys):
+    args = ["train-backdoor", "--width", "2", "--epochs", "2", "--train-subset", "256", "--batch-size", "64",
+            "--no-progress", "--out"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    assert cli(capsys, args + [ref])[0] == 0
+    proc = helper("epoch", args + [str(out)])
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, ".resume"]
+    rc, err = cli(capsys, args + [out])
+    assert rc == 2 and "interrupted run (after epoch 1 of 2)" in err, err
+    rc, err = cli(capsys, args + [out, "--resume"])
+    assert rc == 0 and "resuming" in err and "after epoch 1 of 2" in err, err
+    assert sha(out / "model.safetensors") == sha(ref / "model.safetensors")
+    runs = [json.loads((d / "run.json").read_text()) for d in (ref, out)]
+    assert comparable(runs[0]) == comparable(runs[1])
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "run.json"]
+    rc, err = cli(capsys, args + [out])
+    assert rc == 2 and "--overwrite" in err, err

@@ -12,7 +12,6 @@ from ..config import PRESETS, NFTConfig
 from ..evaluation import evaluate
 from ..machine import machine_info
 from ..ops import BackendUnavailable
-from ..outdir import Interrupted
 from .pipeline import UsageError, check_out_dir, inputs_from_files, purify_to_folder
 from .report import metrics_table
 
@@ -70,17 +69,19 @@ def _spec_from(args):
 
 
 def cmd_train_backdoor(args) -> int:
-    from ..harness.runs import RUN_FILES, train
+    from ..harness.runs import RUN_FILES, run_folder, train
 
     if args.arch not in models.ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
+    if args.resume and args.attack == "inputaware":
+        raise UsageError("--resume: inputaware trains its generators jointly and saves no epoch checkpoints; "
+                         "run without --resume")
     out = Path(args.out)
     check_out_dir(out, [], RUN_FILES)
-    try:
-        run = train(_spec_from(args), out, args.data_dir, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        raise Interrupted(f"nothing was written into {out} (a run folder is written when training ends); "
-                          "run the command again to train from the start") from None
+    folder = run_folder(out, resume=args.resume, overwrite=args.overwrite)
+    folder.check()
+    spec = _spec_from(args)
+    run = folder.run(lambda: train(spec, out, args.data_dir, progress=not args.no_progress, folder=folder))
     m = run["metrics"]
     print(metrics_table({f"backdoored ({args.attack})": dict(m, seconds=run["train_seconds"])}))
     print(f"run folder: {out} (model.safetensors, run.json)")
@@ -200,7 +201,11 @@ def _add_train_backdoor(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--clean-fraction", type=float, default=0.01, help="held out as the defender's clean set")
     t.add_argument("--train-subset", type=int, default=None, help="train on this many attacker samples (CPU time)")
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, help="run folder (created; an earlier run in it is replaced only with "
+                                                "--overwrite)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the interrupted training in --out from its last epoch (same options)")
+    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     t.add_argument("--no-progress", action="store_true")
     _add_data_dir(t)
     t.set_defaults(func=cmd_train_backdoor)

@@ -3,11 +3,9 @@ masks and a report. The command line's ``purify`` and the demo are thin wrappers
 :func:`purify_to_folder`."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -24,17 +22,14 @@ from ..io import CheckpointError, check_finite, load_into, load_state_dict, save
 from ..machine import machine_info
 from ..masks import MaskSite, attach_masks, fold_masks, mask_sites
 from ..ops import get_backend, set_backend
-from ..outdir import FolderLock, Interrupted, OutputSet, deferred_interrupt
 from ..purifier import PurifyResult, purify, scan_kwargs
-from ..resume import RoundState, StateFolder
+from ..resume import RESUME_DIR, RunFolder, digest  # noqa: F401 (RESUME_DIR: re-exported)
 from ..trigger import backdoor_likely, scan, search
 from .report import PLOTS, REPORT_FILES, write_report
 
 PathLike = Union[str, os.PathLike]
 #: Every file purify_to_folder may write into its output folder.
 OUTPUTS = ("purified.safetensors", "masks.safetensors") + REPORT_FILES + PLOTS
-#: The hidden folder inside the output folder that holds an unfinished run's state (--resume).
-RESUME_DIR = ".resume"
 #: Written last into the output folder: present, it marks a complete set of outputs.
 MARKER = "report.json"
 
@@ -87,56 +82,11 @@ def check_out_dir(out: PathLike, inputs: Sequence[Optional[PathLike]], outputs: 
                              "remove it or choose another --out")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _where(meta: dict) -> str:
-    k, n = meta.get("round", 0), meta.get("rounds", "?")
-    return f"after round {k} of {n}" if k else f"after the trigger scan, before round 1 of {n}"
-
-
-def check_reuse(out: PathLike, overwrite: bool = False, resume: bool = False, locked: bool = False) -> None:
-    """What an existing ``out`` allows, checked before anything is loaded (and again under the
-    lock): no other live run in it; an earlier run's outputs are replaced only with
-    ``overwrite`` (or by ``resume`` of the run that was writing them); an interrupted run's saved
-    state is continued with ``resume`` or dropped with ``overwrite``, never silently. ``locked``:
-    the caller holds ``out``'s lock."""
-    out = Path(out)
-    if not out.is_dir():
-        return
-    if not locked:
-        FolderLock(out).check()
-    meta = StateFolder(out / RESUME_DIR).latest_meta()
-    if meta is not None and not (resume or overwrite):
-        raise UsageError(f"--out {out} holds the saved state of an interrupted run ({_where(meta)}): add --resume to "
-                         "continue it, or --overwrite to start again")
-    old = OutputSet(out, OUTPUTS).existing()
-    if old and resume and meta is None and not overwrite:
-        raise UsageError(f"--out {out} has no interrupted run to resume: it holds the outputs of a finished run "
-                         f"({', '.join(old)}); add --overwrite (without --resume) to run again, or choose another --out")
-    if old and not overwrite and not (resume and meta is not None):
-        raise UsageError(f"--out {out} already holds the outputs of an earlier run ({', '.join(old)}): add --overwrite to "
-                         f"replace them (nothing else in {out} is touched), or choose another --out")
-
-
-def _digest(*tensors: Optional[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"-")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 def _loader_digest(loader: Optional[DataLoader]) -> Optional[str]:
     if loader is None:
         return None
     ds = loader.dataset
-    return _digest(*ds.tensors) if isinstance(ds, TensorDataset) else type(ds).__name__
+    return digest(*ds.tensors) if isinstance(ds, TensorDataset) else type(ds).__name__
 
 
 def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, test: Optional[DataLoader],
@@ -146,104 +96,18 @@ def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, test: Option
     state = model.state_dict()
     h = hashlib.sha256()
     for k in sorted(state):
-        h.update(k.encode() + b"\0" + _digest(state[k]).encode())
+        h.update(k.encode() + b"\0" + digest(state[k]).encode())
     return json.loads(json.dumps({
-        "model": h.hexdigest(), "clean set": _digest(x, y), "test set": _loader_digest(test),
+        "model": h.hexdigest(), "clean set": digest(x, y), "test set": _loader_digest(test),
         "poisoned test set": _loader_digest(poison), "settings": settings, "config": cfg.to_dict(),
     }, default=str))
 
 
-def _differences(saved: Dict[str, Any], now: Dict[str, Any]) -> List[str]:
-    out = []
-    for key in now:
-        a, b = saved.get(key), now[key]
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            fields = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            out.append(f"{key}: {', '.join(fields[:4])}")
-        else:
-            out.append(f"the {key}")
-    return out
-
-
-class _Job:
-    """purify_to_folder's hold on its output folder once the inputs are good: the lock, the saved
-    state (``.resume/``, purify's ``checkpoint``), the staged outputs and what is left behind when
-    the run stops early."""
-
-    def __init__(self, out: Path, fp: Dict[str, Any], rounds: int, resume: bool, overwrite: bool,
-                 log: Callable[[str], None]) -> None:
-        self.out, self.fp, self.rounds, self.resume, self.overwrite, self.log = out, fp, rounds, resume, overwrite, log
-        self.state = StateFolder(out / RESUME_DIR)
-        self.outputs = OutputSet(out, OUTPUTS, marker=MARKER)
-        self.lock = FolderLock(out)
-        self.made: List[Path] = []
-        self.saved: Optional[int] = None  # the round boundary saved (or resumed from)
-        self.wrote = self.done = False
-
-    def _take(self) -> None:
-        d = self.out
-        while not d.exists() and d.parent != d:
-            self.made.append(d)
-            d = d.parent
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire(self.log)
-        self.outputs.remove_stale_staging()
-        check_reuse(self.out, self.overwrite, self.resume, locked=True)  # again: another run may have finished meanwhile
-        if not self.resume and self.state.exists():
-            self.state.clear()  # --overwrite: the interrupted run is dropped
-
-    # purify's checkpoint protocol
-    def load(self) -> Optional[RoundState]:
-        self._take()
-        saved = self.state.load() if self.resume else None
-        if self.resume and saved is None:
-            self.log(f"nft-fast: no saved state in {self.out / RESUME_DIR}: starting from the beginning")
-        if saved is not None:
-            diff = _differences(saved.meta.get("fingerprint", {}), self.fp)
-            if diff:
-                raise UsageError(f"cannot --resume in {self.out}: its saved state is of another run ({'; '.join(diff)}); "
-                                 "start again with --overwrite instead of --resume, or choose another --out")
-            self.saved = saved.round
-            self.log(f"nft-fast: resuming {self.out} {_where(saved.meta)}")
-        return saved
-
-    def save(self, state: RoundState) -> None:
-        state.meta["fingerprint"] = self.fp
-        self.state.save(state)
-        self.wrote, self.saved = True, state.round
-
-    def write(self, write_into: Callable[[Path], None]) -> None:
-        """``write_into(folder)`` writes the outputs into a staging folder; they replace the
-        earlier set as a unit, then the saved state is dropped and the lock released."""
-        write_into(self.outputs.stage())
-        with deferred_interrupt():
-            self.outputs.commit()
-            self.done = True
-            self.state.clear()
-            self.lock.release()
-
-    def fail(self, exc: BaseException) -> None:
-        """Clean up after ``exc``: the staging folder, the lock; the saved state too when the
-        error is one a rerun would meet again (bad values); folders made here if left empty."""
-        self.outputs.discard()
-        if self.wrote and not self.done and isinstance(exc, (ValueError, TypeError, FloatingPointError)):
-            self.state.clear()
-        self.lock.release()
-        for d in self.made:  # deepest first; only if empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
-
-    def note(self) -> str:
-        """One line for Ctrl-C: what was saved and how to continue."""
-        if self.done:
-            return f"the outputs in {self.out} are complete"
-        meta = self.state.latest_meta() if self.saved is not None or self.wrote or self.resume else None
-        if meta is None:
-            return f"nothing was saved; {self.out} holds what it held before"
-        return (f"the state {_where(meta)} is saved in {self.out / RESUME_DIR}; run the same command with --resume "
-                "to continue")
+def out_folder(out: PathLike, resume: bool = False, overwrite: bool = False,
+               log: Optional[Callable[[str], None]] = None) -> RunFolder:
+    """purify_to_folder's output folder (:class:`nft_fast.resume.RunFolder`): :data:`OUTPUTS`,
+    report.json last, the state in ``.resume/``."""
+    return RunFolder(out, OUTPUTS, MARKER, resume=resume, overwrite=overwrite, log=log)
 
 
 def _loader(*tensors, batch_size: int = 512) -> DataLoader:
@@ -395,15 +259,15 @@ def purify_to_folder(
     samples per class (drawn with ``config.seed``); ``exclude`` names modules left unmasked
     (default: the architecture's stem norm). Checkpoints are loaded without executing code.
 
-    The output folder: one run at a time (a lock file; :class:`~nft_fast.outdir.Busy` otherwise),
-    the state saved at every round boundary into ``out/.resume`` (``resume`` continues from it,
-    bit-identically; a state of other inputs or another config is refused), the outputs written
-    into a staging folder and moved into place as a set, ``report.json`` last, replacing an
-    earlier run's outputs only with ``overwrite``. Ctrl-C raises
+    The output folder (:class:`nft_fast.resume.RunFolder`): one run at a time (a lock file;
+    :class:`~nft_fast.outdir.Busy` otherwise), the state saved at every round boundary into
+    ``out/.resume`` (``resume`` continues from it, bit-identically; a state of other inputs or
+    another config is refused), the outputs written into a staging folder and moved into place
+    as a set, ``report.json`` last, replacing an earlier run's outputs only with ``overwrite``
+    (:class:`~nft_fast.resume.FolderError` otherwise). Ctrl-C raises
     :class:`~nft_fast.outdir.Interrupted`, whose ``note`` says what was saved. ``log`` gets the
     messages about resuming and locks (default: stderr).
     """
-    log = log or _log
     cfg = _checks.config(config, "purify_to_folder")
     if per_class_k is not None:
         _checks.positive_int("per_class_k (--per-class)", per_class_k)
@@ -412,19 +276,15 @@ def purify_to_folder(
         from ..harness.runs import RUN_FILES
     run_files = [Path(run) / n for n in RUN_FILES] if run else []
     check_out_dir(out, [checkpoint, data, test_data, poison_data, *run_files])
-    check_reuse(out, overwrite, resume)
-    try:
-        return _purify_to_folder(out, run, checkpoint, arch, data, test_data, poison_data, target, per_class_k, exclude,
-                                 neurons, augment, data_dir, cfg, backend, progress, title, resume, overwrite, log)
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        raise Interrupted(f"nothing was saved; {out} holds what it held before") from None
+    folder = out_folder(out, resume, overwrite, log)
+    folder.check()
+    return folder.run(lambda: _purify_to_folder(folder, run, checkpoint, arch, data, test_data, poison_data, target,
+                                                per_class_k, exclude, neurons, augment, data_dir, cfg, backend,
+                                                progress, title))
 
 
-def _purify_to_folder(out: Path, run, checkpoint, arch, data, test_data, poison_data, target, per_class_k, exclude,
-                      neurons, augment, data_dir, cfg: NFTConfig, backend, progress, title, resume, overwrite,
-                      log) -> Dict[str, Any]:
+def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data, poison_data, target, per_class_k,
+                      exclude, neurons, augment, data_dir, cfg: NFTConfig, backend, progress, title) -> Dict[str, Any]:
     ins = (inputs_from_run(run, data_dir, checkpoint) if run
            else inputs_from_files(checkpoint, arch, data, test_data, poison_data, target))
     x, y, num_classes = ins.x, ins.y, ins.arch_kwargs["num_classes"]
@@ -436,26 +296,14 @@ def _purify_to_folder(out: Path, run, checkpoint, arch, data, test_data, poison_
     if backend != "auto":
         set_backend(backend)
     test, poison = ins.test, ins.poison
-    fp = fingerprint(ins.model, x, y, test, poison, cfg, {
+    folder.fingerprint = fingerprint(ins.model, x, y, test, poison, cfg, {
         "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "neurons": neurons,
         "augment": augment, "per_class": per_class_k, "target": target, "backend": get_backend()})
     before = evaluate(ins.model, test, poison) if (test or poison) else {}
-    job = _Job(out, fp, cfg.rounds, resume, overwrite, log)
-    try:
-        return _run_job(job, ins, x, y, sites, exclude, cfg, before, run, checkpoint, progress, title)
-    except KeyboardInterrupt:
-        job.fail(KeyboardInterrupt())
-        raise Interrupted(job.note()) from None
-    except BaseException as e:
-        job.fail(e)
-        raise
-
-
-def _run_job(job: _Job, ins: Inputs, x, y, sites, exclude, cfg: NFTConfig, before, run, checkpoint, progress,
-             title) -> Dict[str, Any]:
-    out, test, poison, num_classes = job.out, ins.test, ins.poison, ins.arch_kwargs["num_classes"]
-    result = purify(ins.model, ArrayDataset(x, y, augment=job.fp["settings"]["augment"]), cfg, num_classes=num_classes,
-                    inplace=True, test_loader=test, poison_loader=poison, progress=progress, checkpoint=job)
+    out = folder.out
+    # the lock is taken once purify has checked its arguments (folder.load, its checkpoint)
+    result = purify(ins.model, ArrayDataset(x, y, augment=augment), cfg, num_classes=num_classes, inplace=True,
+                    test_loader=test, poison_loader=poison, progress=progress, checkpoint=folder)
     plain = fold_masks(result.model)
     after = evaluate(plain, test, poison) if (test or poison) else {}
     states = {"purified.safetensors": plain.state_dict(),
@@ -480,15 +328,15 @@ def _run_job(job: _Job, ins: Inputs, x, y, sites, exclude, cfg: NFTConfig, befor
         report["signal"] = signal
     masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
 
-    def write_into(folder: Path) -> None:
+    def write_into(staging: Path) -> None:
         for name, state in states.items():
-            save_state_dict(state, folder / name)
+            save_state_dict(state, staging / name)
         # the report names the exact files beside it
-        report["outputs"].update(model_sha256=_file_sha256(folder / "purified.safetensors"),
-                                 masks_sha256=_file_sha256(folder / "masks.safetensors"))
-        write_report(folder, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
+        report["outputs"].update(model_sha256=_file_sha256(staging / "purified.safetensors"),
+                                 masks_sha256=_file_sha256(staging / "masks.safetensors"))
+        write_report(staging, report, masks, [cfg.floor(s.layer) for s in sites], title=title)
 
-    job.write(write_into)
+    folder.write(write_into)
     return report
 
 

@@ -472,18 +472,23 @@ def attack_from_dict(d: Dict[str, Any], state: Optional[Dict[str, Tensor]] = Non
 
 
 def train_backdoored(model: nn.Module, x: Tensor, y: Tensor, attack: Attack, rate: float = 0.1, epochs: int = 5,
-                     batch_size: int = 128, lr: float = 0.05, seed: int = 0, progress: bool = True) -> Dict[str, Any]:
+                     batch_size: int = 128, lr: float = 0.05, seed: int = 0, progress: bool = True,
+                     checkpoint=None) -> Dict[str, Any]:
     """Train ``model`` in place on data poisoned by ``attack``; returns ``{"poisoned", "seconds"}``.
 
     Static attacks poison once (:meth:`Attack.poison_train`) and use
-    :func:`nft_fast.train.train_classifier`; InputAware trains its generators jointly.
+    :func:`nft_fast.train.train_classifier` (``checkpoint``: its epoch checkpoints); InputAware
+    trains its generators jointly (no checkpoints: ``checkpoint`` must be None).
     """
     if isinstance(attack, InputAware):
+        if checkpoint is not None:
+            raise ValueError("inputaware trains its generators jointly and has no epoch checkpoints")
         return attack.train_jointly(model, x, y, rate, epochs, batch_size, lr, seed, progress)
     from ..data import ArrayDataset
     from .train import train_classifier
 
     t0 = time.perf_counter()
     xp, yp, flags = attack.poison_train(x, y, rate)
-    train_classifier(model, ArrayDataset(xp, yp), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    train_classifier(model, ArrayDataset(xp, yp), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+                     checkpoint=checkpoint)
     return {"poisoned": int(flags.sum()), "seconds": time.perf_counter() - t0}

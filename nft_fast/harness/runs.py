@@ -26,6 +26,7 @@ from . import datasets
 from .. import models
 from ..evaluation import evaluate
 from ..io import load_into, load_state_dict, save_state_dict, write_json
+from ..resume import RunFolder, digest
 
 DATASETS = ("fashion-mnist", "moving-shapes")
 #: The files of a run folder (``attack.safetensors`` only for attacks with learned triggers).
@@ -127,9 +128,20 @@ def build_model(spec: BackdoorSpec, data: RunData) -> nn.Module:
                         image_size=x.shape[-1])
 
 
-def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True) -> dict:
-    """Train the backdoored model of ``spec`` into the run folder ``out``; returns run.json's content."""
-    from .attacks import train_backdoored
+def run_folder(out, resume: bool = False, overwrite: bool = False, log=None) -> RunFolder:
+    """A run folder as a command's output folder (:class:`nft_fast.resume.RunFolder`):
+    :data:`RUN_FILES`, run.json last, the training state after each epoch in ``.resume/``."""
+    return RunFolder(out, RUN_FILES, "run.json", resume=resume, overwrite=overwrite, log=log,
+                     where=lambda m: f"after epoch {m.get('round')} of {m.get('rounds')}")
+
+
+def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True, folder: Optional[RunFolder] = None) -> dict:
+    """Train the backdoored model of ``spec`` into the run folder ``out``; returns run.json's content.
+
+    With ``folder`` (:func:`run_folder` of ``out``), ``out`` is locked while training, the state
+    is saved after every epoch (``folder.resume`` continues from it; not for inputaware) and the
+    files are moved into place as a set."""
+    from .attacks import InputAware, train_backdoored
 
     out = Path(out)
     data = prepare(spec, root)
@@ -137,19 +149,31 @@ def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True) -> di
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = build_model(spec, data)
+    checkpoint = None
+    if folder is not None:
+        folder.fingerprint = {"spec": spec.to_dict(), "training data": digest(*data.train)}
+        folder.begin()
+        checkpoint = None if isinstance(attack, InputAware) else folder
     t0 = time.perf_counter()
     info = train_backdoored(model, *data.train, attack, rate=spec.rate, epochs=spec.epochs, batch_size=spec.batch_size,
-                            lr=spec.lr, seed=spec.seed, progress=progress)
+                            lr=spec.lr, seed=spec.seed, progress=progress, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     metrics = evaluate(model, data.test_loader(), poison_loader(attack, data))
-    out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no folder behind
-    save_state_dict(model.state_dict(), out / "model.safetensors")
-    state = attack.state_dict()
-    if state:
-        save_state_dict(state, out / "attack.safetensors")
     run = {"spec": spec.to_dict(), "attack": attack.to_dict(), "num_classes": data.num_classes,
            "train_seconds": seconds, "train_info": info, "metrics": metrics}
-    write_json(out / "run.json", run)  # written last: its presence marks a complete run
+
+    def write_into(d: Path) -> None:
+        save_state_dict(model.state_dict(), d / "model.safetensors")
+        state = attack.state_dict()
+        if state:
+            save_state_dict(state, d / "attack.safetensors")
+        write_json(d / "run.json", run)  # written last: its presence marks a complete run
+
+    if folder is not None:
+        folder.write(write_into)
+    else:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no folder behind
+        write_into(out)
     return run
 
 
