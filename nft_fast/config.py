@@ -13,6 +13,8 @@ _PRECISIONS = ("fp32", "bf16")
 #: reference takes 1000 steps; a million is days of CPU time, more is a typo.
 MAX_STEPS = 1_000_000
 _TRIGGER_KINDS = ("patch", "feature")
+#: trigger_search="auto" scans every class up to this many classes, and searches class-agnostically above.
+AUTO_SCAN_CLASSES = 16
 
 
 @dataclass
@@ -73,7 +75,7 @@ class NFTConfig:
     # search per class (its cost grows with the number of classes); "agnostic" --
     # ``trigger_restarts`` class-agnostic searches, each settling on the easiest class to
     # reach that the earlier ones did not (nft_fast.trigger.search; the same cost for 10 or
-    # 1,000 classes).
+    # 1,000 classes); "auto" -- "classes" up to AUTO_SCAN_CLASSES classes, "agnostic" above.
     trigger_search: str = "classes"
     # > 0: also unlearn a universal additive trigger of the suspect class (RMS at most this
     # fraction of the value range; nft_fast.trigger.universal), in turn with the patch trigger.
@@ -124,7 +126,7 @@ class NFTConfig:
         if self.cuda_graph and self.mixup_kind != "mixup":
             raise ValueError("NFTConfig: cuda_graph captures the MixUp step only (mixup_kind='mixup')")
         _checks.one_of("trigger_kind", self.trigger_kind, _TRIGGER_KINDS, owner=own)
-        _checks.one_of("trigger_search", self.trigger_search, ("classes", "agnostic"), owner=own)
+        _checks.one_of("trigger_search", self.trigger_search, ("classes", "agnostic", "auto"), owner=own)
         if self.trigger_restarts < 3:
             raise ValueError(f"NFTConfig: trigger_restarts must be at least 3 (the anomaly index compares them), "
                              f"got {self.trigger_restarts}")
@@ -134,6 +136,12 @@ class NFTConfig:
     @property
     def steps_per_round(self) -> int:
         return self.steps // self.rounds
+
+    def search_mode(self, num_classes: int) -> str:
+        """``"classes"`` or ``"agnostic"``: how the trigger is searched for a task of ``num_classes``."""
+        if self.trigger_search == "auto":
+            return "classes" if num_classes <= AUTO_SCAN_CLASSES else "agnostic"
+        return self.trigger_search
 
     def floor(self, layer: int) -> float:
         """Lower clamp bound mu(l) = alpha * exp(-beta * l) of mask layer l (1-based)."""
@@ -165,6 +173,7 @@ class NFTConfig:
 PRESETS = {
     "reference": {},
     "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True,
-               "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.1, "trigger_confident": 3.0},
+               "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.1, "trigger_confident": 3.0,
+               "trigger_search": "auto"},
 }
 PRESETS["auto"] = dict(PRESETS["strong"], trigger_min_anomaly=2.0)

@@ -456,6 +456,15 @@ def purify(
     return PurifyResult(model, history, time.perf_counter() - t_start, n_c)
 
 
+def find_triggers(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: NFTConfig):
+    """The patch-trigger search ``cfg`` asks for (:meth:`NFTConfig.search_mode`): the per-class
+    scan or the class-agnostic search; a :class:`nft_fast.trigger.ScanResult` either way."""
+    n = int(ys.unique().numel())
+    if cfg.search_mode(n) == "agnostic":
+        return search(model, xs, ys, restarts=min(cfg.trigger_restarts, n), **scan_kwargs(cfg))
+    return scan(model, xs, ys, **scan_kwargs(cfg))
+
+
 def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dict[str, Any]:
     """Scan the clean set for triggers; when one is anomalous enough, hand the ``trigger_top``
     most suspicious (plus their Blend-style twins) to the purifier to unlearn."""
@@ -466,12 +475,9 @@ def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dic
         info = inversion.flip_summary(model, xs, trig)
         info["trigger_unlearning"] = True
         return info
-    if cfg.trigger_search == "agnostic":
-        found = search(model, xs, ys, restarts=min(cfg.trigger_restarts, int(ys.unique().numel())), **scan_kwargs(cfg))
-    else:
-        found = scan(model, xs, ys, **scan_kwargs(cfg))
+    found = find_triggers(model, xs, ys, cfg)
     info = found.summary()
-    info["trigger_search"] = cfg.trigger_search
+    info["trigger_search"] = cfg.search_mode(int(ys.unique().numel()))
     info["trigger_unlearning"] = found.max_anomaly >= cfg.trigger_min_anomaly
     if info["trigger_unlearning"]:
         purifier.triggers = found.ranked()[: cfg.trigger_top]

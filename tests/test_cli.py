@@ -362,13 +362,15 @@ def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
     assert report["config"]["trigger_weight"] > 0 and report["config"]["bn_recalibrate"]
     sig = report["signal"]
     scan_keys = {"trigger_anomaly", "trigger_suspect", "trigger_norm"}
-    assert scan_keys <= sig["before"].keys() <= sig["after"].keys() | {"trigger_seconds", "trigger_unlearning"}
+    assert scan_keys <= sig["before"].keys() <= sig["after"].keys() | {
+        "trigger_seconds", "trigger_unlearning", "trigger_search", "trigger_mode", "universal_success"}
+    assert sig["before"]["trigger_mode"] in ("confident", "patch+universal")
     assert isinstance(sig["backdoor_likely"], bool) and "Verdict" in (out / "report.md").read_text()
     assert "Poison-free signal" in (out / "report.md").read_text()
 
 
 def test_preset_values_are_kept_unless_given():
-    """`--preset strong` is NFTConfig.preset("strong") (400 steps, 2 rounds): the hyper-parameter
+    """`--preset strong` is NFTConfig.preset("strong") (400 steps, 4 rounds): the hyper-parameter
     flags replace a preset's value only when given (their old defaults silently overrode it)."""
     from nft_fast.app import cli as C
     from nft_fast.config import NFTConfig
@@ -377,6 +379,6 @@ def test_preset_values_are_kept_unless_given():
     args = p.parse_args(["purify", "--out", "x", "--preset", "strong"])
     assert C._cfg_from(args) == NFTConfig.preset("strong")
     assert C._cfg_from(p.parse_args(["purify", "--out", "x"])) == NFTConfig()
-    cfg = C._cfg_from(p.parse_args(["purify", "--out", "x", "--preset", "strong", "--steps", "90", "--lr", "0.2",
+    cfg = C._cfg_from(p.parse_args(["purify", "--out", "x", "--preset", "strong", "--steps", "80", "--lr", "0.2",
                                     "--precision", "bf16", "--seed", "3"]))
-    assert cfg == NFTConfig.preset("strong", steps=90, lr=0.2, precision="bf16", seed=3)
+    assert cfg == NFTConfig.preset("strong", steps=80, lr=0.2, precision="bf16", seed=3)

@@ -120,7 +120,8 @@ def test_strong_purify_removes_the_toy_backdoor(toy_backdoor):
     assert all("trigger_norm" in h for h in res.history)
 
 
-@pytest.mark.parametrize("over", [dict(trigger_search="agnostic", trigger_restarts=3), dict(trigger_universal=0.1)])
+@pytest.mark.parametrize("over", [dict(trigger_search="agnostic", trigger_restarts=3), dict(trigger_confident=0.0),
+                                  dict(trigger_confident=0.01)])
 def test_strong_variants_remove_the_toy_backdoor(toy_backdoor, over):
     model, (xc, yc), test, poison = toy_backdoor
     ev = lambda m: nft_fast.evaluate(m, test, poison, target=0)  # noqa: E731
@@ -130,9 +131,18 @@ def test_strong_variants_remove_the_toy_backdoor(toy_backdoor, over):
     after = ev(res.folded())
     assert after["asr"] < 0.5 * before["asr"] and after["acc"] > before["acc"] - 0.15, (before, after)
     info = res.history[0]["scan"]
-    assert info["trigger_suspect"] == 0 and info["trigger_search"] == cfg.trigger_search
-    if cfg.trigger_universal:
-        assert 0 <= info["universal_success"] <= 1
+    assert info["trigger_suspect"] == 0
+    assert info["trigger_search"] == ("agnostic" if cfg.trigger_search == "agnostic" else "classes")
+    # the preset's universal perturbation is used unless the scan is confident
+    confident = 0 < cfg.trigger_confident <= info["trigger_anomaly"]
+    assert info["trigger_mode"] == ("confident" if confident else "patch+universal")
+    assert ("universal_success" in info) == (not confident)
+
+
+def test_search_mode():
+    cfg = nft_fast.NFTConfig.preset("strong")
+    assert cfg.trigger_search == "auto" and cfg.search_mode(10) == "classes" and cfg.search_mode(1000) == "agnostic"
+    assert nft_fast.NFTConfig(trigger_search="agnostic").search_mode(3) == "agnostic"
 
 
 def test_universal_perturbation(toy_backdoor):

@@ -22,9 +22,9 @@ from ..io import CheckpointError, check_finite, load_into, load_state_dict, save
 from ..machine import machine_info
 from ..masks import MaskSite, attach_masks, fold_masks, mask_sites
 from ..ops import get_backend, set_backend
-from ..purifier import PurifyResult, purify, scan_kwargs
+from ..purifier import PurifyResult, find_triggers, purify
 from ..resume import RESUME_DIR, RunFolder, digest  # noqa: F401 (RESUME_DIR: re-exported)
-from ..trigger import backdoor_likely, scan, search
+from ..trigger import backdoor_likely
 from .report import PLOTS, REPORT_FILES, write_report
 
 PathLike = Union[str, os.PathLike]
@@ -219,11 +219,7 @@ def _signal(result: PurifyResult, plain: nn.Module, x: torch.Tensor, y: torch.Te
     scan0 = next((h["scan"] for h in result.history if "scan" in h), None)
     if scan0 is None:
         return None
-    if cfg.trigger_search == "agnostic":  # the same search as before purification, flat in the classes
-        after_scan = search(plain, x, y, restarts=min(cfg.trigger_restarts, int(y.unique().numel())),
-                            **scan_kwargs(cfg)).summary()
-    else:
-        after_scan = scan(plain, x, y, **scan_kwargs(cfg)).summary()
+    after_scan = find_triggers(plain, x, y, cfg).summary()  # the same search as before purification
     return {"before": scan0, "after": after_scan, "backdoor_likely": backdoor_likely(scan0, after_scan)}
 
 
