@@ -105,7 +105,7 @@ def synthesize(
         raise ValueError(f"synthesize: the clean set has no samples outside class {target}")
     m, p, _ = _optimize(model, src, None, target, steps=steps, lr=lr, l1=l1, batch_size=batch_size, seed=seed,
                         init=init, kind=kind, alpha=alpha, value_range=(float(x.min()), float(x.max())))
-    return Trigger(target, m, p, float(m.sum()), _success(model, src, m, p, target), kind)
+    return Trigger(target, m, p, float(m.sum()), _success(model, src, (m, p), target), kind)
 
 
 def _spatial(x: torch.Tensor) -> tuple:
@@ -173,15 +173,18 @@ def _optimize(model: nn.Module, src: torch.Tensor, src_y: Optional[torch.Tensor]
     return m.cpu(), p.cpu(), target_now
 
 
-def _success(model: nn.Module, src: torch.Tensor, m: torch.Tensor, p: torch.Tensor, target: int) -> float:
-    """Fraction of ``src`` the trigger ``(m, p)`` sends to ``target``."""
+def _success(model: nn.Module, src: torch.Tensor, stamp, target: int) -> float:
+    """Fraction of ``src`` that ``stamp`` (a batch -> triggered batch function, or a mask/pattern
+    pair ``(m, p)``) sends to ``target``."""
     device = model_device(model)
+    if isinstance(stamp, tuple):
+        m, p = (t.to(device) for t in stamp)
+        stamp = lambda xb: (1 - m) * xb + m * p  # noqa: E731
     hit = n = 0
     with frozen(model), torch.no_grad():
-        m, p = m.to(device), p.to(device)
         for i in range(0, src.shape[0], 512):
             xb = src[i:i + 512].to(device)
-            hit += int((model((1 - m) * xb + m * p).argmax(1) == target).sum())
+            hit += int((model(stamp(xb)).argmax(1) == target).sum())
             n += xb.shape[0]
     return hit / max(n, 1)
 
@@ -238,14 +241,9 @@ def universal(
             with torch.no_grad():
                 d = d - lr * g / g.norm().clamp_min(1e-12)
                 d = d * (radius / d.norm()).clamp(max=1.0)
-        d = d.detach()
-        hit = n = 0
-        with torch.no_grad():
-            for i in range(0, src.shape[0], 512):
-                xb = src[i:i + 512].to(device)
-                hit += int((model((xb + d).clamp(lo, hi)).argmax(1) == target).sum())
-                n += xb.shape[0]
-    return Perturbation(target, d.cpu(), (lo, hi), float(d.pow(2).mean().sqrt()), hit / max(n, 1))
+    d = d.detach()
+    return Perturbation(target, d.cpu(), (lo, hi), float(d.pow(2).mean().sqrt()),
+                        _success(model, src, lambda xb: (xb + d).clamp(lo, hi), target))
 
 
 def _anomaly(norms: Sequence[float]) -> List[float]:
@@ -306,7 +304,7 @@ def search(
         m, p, k = _optimize(model, x, y, None, steps=steps, lr=lr, l1=l1, batch_size=batch_size, seed=seed + r,
                             init=None, kind="patch", alpha=0.0, value_range=vr, exclude=[t.target for t in found])
         src = x[y != k]
-        found.append(Trigger(k, m, p, float(m.sum()), _success(model, src, m, p, k)))
+        found.append(Trigger(k, m, p, float(m.sum()), _success(model, src, (m, p), k)))
     return ScanResult(found, _anomaly([t.norm for t in found]))
 
 
