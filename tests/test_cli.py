@@ -367,6 +367,7 @@ def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
     assert sig["before"]["trigger_mode"] in ("confident", "patch+universal")
     assert isinstance(sig["backdoor_likely"], bool) and "Verdict" in (out / "report.md").read_text()
     assert "Poison-free signal" in (out / "report.md").read_text()
+    assert f"Decision (`{sig['before']['trigger_mode']}`)" in (out / "report.md").read_text()
 
 
 def test_preset_values_are_kept_unless_given():

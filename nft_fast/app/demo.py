@@ -48,6 +48,8 @@ def run_demo(out: Path, progress: bool = True, data_dir=None, spec: BackdoorSpec
               f"{sig['before']['trigger_anomaly']:.2f} (class {sig['before']['trigger_suspect']}), purified "
               f"{sig['after']['trigger_anomaly']:.2f} (class {sig['after']['trigger_suspect']}): "
               f"{'backdoor likely still there' if sig['backdoor_likely'] else 'no large backdoor left'}")
+        if sig["before"].get("trigger_mode"):
+            print(f"decision from the signal: {sig['before']['trigger_mode']} (see report.md)")
     print(f"report: {Path(out) / 'report.md'} (+ report.json, masks_heatmap.png, masks_hist.png, rounds.png); "
           f"total {time.perf_counter() - t0:.0f} s")
     return report

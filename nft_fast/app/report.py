@@ -105,6 +105,24 @@ def plot_rounds(history: List[dict], before: Dict[str, float], path: Path) -> No
     plt.close(fig)
 
 
+_MODES = {
+    "confident": "the backdoored model's smallest trigger stood out beyond doubt (anomaly index at least "
+                 "`trigger_confident`), so that patch trigger alone was unlearned, at `trigger_confident_weight`",
+    "patch+universal": "the backdoored model's smallest trigger did not stand out beyond doubt, so it was unlearned "
+                       "in turn with a universal perturbation of the suspect class (`trigger_universal`), at "
+                       "`trigger_weight`",
+    "patch": "the suspect class's patch trigger was unlearned at `trigger_weight`",
+}
+
+
+def _decision(scan: dict) -> str:
+    """The line that says how the purifier chose to unlearn, from its scan of the backdoored model."""
+    mode = scan.get("trigger_mode")
+    if not scan.get("trigger_unlearning", True):
+        return "Decision: no anomalous class, so nothing was unlearned (the reference objective ran)."
+    return f"Decision (`{mode}`): {_MODES[mode]}." if mode in _MODES else ""
+
+
 def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]] = None,
                  floors: Optional[Sequence[float]] = None, title: str = "NFT purification") -> List[Path]:
     """Write report.json, report.md and the plots; returns the files. Without matplotlib (the
@@ -128,6 +146,7 @@ def write_report(out: Path, report: dict, masks: Optional[Dict[str, np.ndarray]]
                f"{b['trigger_median_norm']:.1f} |",
                f"| purified | {a['trigger_anomaly']:.2f} | {a['trigger_suspect']} | {a['trigger_norm']:.1f} | "
                f"{a['trigger_median_norm']:.1f} |", "",
+               _decision(b), "",
                "**Verdict: a backdoor is likely still there (the same class stays anomalous) -- do not ship this model.**"
                if sig.get("backdoor_likely") else
                "Verdict: no anomalously small trigger left for the suspect class (a large backdoor is unlikely; "
