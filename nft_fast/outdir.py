@@ -4,7 +4,7 @@
   when the process dies, even by SIGKILL); the pid and command in it say who holds it, and a
   lock left by a dead process is taken over with a message.
 - :class:`OutputSet`: a command's files are written into a private staging folder inside the
-  output folder, then moved into place together: the earlier run's files (only the names the
+  output folder, then moved into place together: the files already there (only the names the
   command writes) are removed first, the marker file (``report.json``) before the others, the
   new files moved in, the marker last. A reader never sees files of two runs next to each other
   or a half-written file; a set without its marker is incomplete.
@@ -193,7 +193,7 @@ class OutputSet:
         self.staging: Optional[Path] = None
 
     def existing(self) -> List[str]:
-        """The names of the set present in the folder (an earlier run's outputs)."""
+        """The names of the set present in the folder (outputs already there)."""
         return [n for n in self.names if (self.folder / n).is_file() or (self.folder / n).is_symlink()]
 
     def remove_stale_staging(self) -> None:

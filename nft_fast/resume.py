@@ -317,7 +317,7 @@ class RunFolder:
     written last), from the moment its inputs are known to be good:
 
     - :meth:`check` (before anything is loaded; again under the lock): no other live run in it,
-      an earlier run's outputs replaced only with ``overwrite`` (or by ``resume`` of the run that
+      outputs already there replaced only with ``overwrite`` (or by ``resume`` of the run that
       was writing them), an interrupted run's state continued with ``resume`` or dropped with
       ``overwrite``, never silently;
     - :meth:`begin` takes the lock (creating ``out``); :meth:`load` / :meth:`save` are the
@@ -359,7 +359,7 @@ class RunFolder:
                               f"({', '.join(old)}); add --overwrite (without --resume) to run again, or choose "
                               f"another {opt}")
         if old and not self.overwrite and not (self.resume and meta is not None):
-            raise FolderError(f"{opt} {out} already holds the outputs of an earlier run ({', '.join(old)}): add "
+            raise FolderError(f"{opt} {out} already holds outputs ({', '.join(old)}): add "
                               f"--overwrite to replace them (nothing else in {out} is touched), or choose another {opt}")
 
     def begin(self) -> None:

@@ -6,7 +6,7 @@
    uninterrupted run's (timings and paths aside); a state of other inputs or options is refused.
 3. One run, one consistent set of outputs: staged and moved into place together, one run per
    ``--out`` at a time (a lock), earlier outputs replaced only with ``--overwrite`` and nothing
-   else in ``--out`` touched, no stale file of an earlier run left next to new ones.
+   else in ``--out`` touched, no stale file left next to new ones.
 
 A PreActResNet-18 of width 2 on 8x8 grey images, 20 clean images, 4 rounds of 10 steps.
 """

@@ -163,7 +163,7 @@ def _add_purify(sub) -> None:
     p.add_argument("--arch", help=f"architecture: {', '.join(sorted(models.ARCHS))}")
     p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,), "
                                   "or an image folder (one sub-folder per class)")
-    p.add_argument("--out", required=True, help="output directory (created; an earlier run's outputs in it are replaced "
+    p.add_argument("--out", required=True, help="output directory (created; outputs already in it are replaced "
                                                 "only with --overwrite; inputs are never overwritten)")
     p.add_argument("--test-data", help="clean test set (.npz/.safetensors with x, y) for ACC")
     p.add_argument("--poison-data", help="triggered test set (x, y true labels, optional y_target) for ASR/RA")
@@ -176,7 +176,7 @@ def _add_purify(sub) -> None:
                    help="continue the interrupted run in --out from its last round (same inputs and options; the "
                         "result is identical to an uninterrupted run)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the outputs of an earlier run in --out (only those files)")
+                   help="replace the outputs already in --out (only those files)")
     p.add_argument("--no-progress", action="store_true")
     _add_data_dir(p)
     _add_cfg_args(p)
@@ -201,11 +201,11 @@ def _add_train_backdoor(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--clean-fraction", type=float, default=0.01, help="held out as the defender's clean set")
     t.add_argument("--train-subset", type=int, default=None, help="train on this many attacker samples (CPU time)")
-    t.add_argument("--out", required=True, help="run folder (created; an earlier run in it is replaced only with "
+    t.add_argument("--out", required=True, help="run folder (created; a run already in it is replaced only with "
                                                 "--overwrite)")
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted training in --out from its last epoch (same options)")
-    t.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     t.add_argument("--no-progress", action="store_true")
     _add_data_dir(t)
     t.set_defaults(func=cmd_train_backdoor)

@@ -259,7 +259,7 @@ def purify_to_folder(
     :class:`~nft_fast.outdir.Busy` otherwise), the state saved at every round boundary into
     ``out/.resume`` (``resume`` continues from it, bit-identically; a state of other inputs or
     another config is refused), the outputs written into a staging folder and moved into place
-    as a set, ``report.json`` last, replacing an earlier run's outputs only with ``overwrite``
+    as a set, ``report.json`` last, replacing outputs already there only with ``overwrite``
     (:class:`~nft_fast.resume.FolderError` otherwise). Ctrl-C raises
     :class:`~nft_fast.outdir.Interrupted`, whose ``note`` says what was saved. ``log`` gets the
     messages about resuming and locks (default: stderr).
