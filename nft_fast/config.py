@@ -80,6 +80,14 @@ class NFTConfig:
     # > 0: also unlearn a universal additive trigger of the suspect class (RMS at most this
     # fraction of the value range; nft_fast.trigger.universal), in turn with the patch trigger.
     trigger_universal: float = 0.0
+    # True: the universal perturbation also takes one step against the masked model each time
+    # it is unlearned (universal adversarial training of the masks towards the suspect class),
+    # so the masks must close every small universal route to that class, not one found route.
+    trigger_online: bool = False
+    # > 0: a second, low-frequency universal perturbation (constant on a blocks x blocks grid of
+    # each frame: a brightness or colour shift, a blended image's mean, which adversarial noise
+    # cannot stand in for) is unlearned in turn with the patch and the full-resolution one.
+    trigger_universal_blocks: int = 0
     # > 0: when the scan's anomaly index reaches this value (a small trigger found beyond
     # doubt), only the patch trigger is unlearned, with weight trigger_confident_weight; below
     # it the patch and the universal perturbation are unlearned in turn at trigger_weight.
@@ -110,6 +118,12 @@ class NFTConfig:
         for name in ("steps", "rounds", "batch_size", "adv_steps", "trigger_top", "trigger_steps", "inversion_steps",
                      "trigger_restarts"):
             _checks.positive_int(name, getattr(self, name), owner=own, hi=MAX_STEPS if name.endswith("steps") else None)
+        for name in ("trigger_online", "trigger_refresh", "bn_recalibrate", "reg_per_class", "cuda_graph"):
+            _checks.one_of(name, getattr(self, name), (True, False), owner=own)
+        _checks.number("trigger_universal_blocks", self.trigger_universal_blocks, owner=own)
+        if not isinstance(self.trigger_universal_blocks, int):
+            raise ValueError(f"NFTConfig: trigger_universal_blocks must be a non-negative integer, got "
+                             f"{self.trigger_universal_blocks!r}")
         if self.steps % self.rounds:
             raise ValueError(f"NFTConfig: steps ({self.steps}) must be a multiple of rounds ({self.rounds})")
         for name in ("eta_min", "mixup_alpha", "reg_coef", "floor_beta", "adv_eps", "adv_weight", "trigger_weight",
@@ -173,7 +187,7 @@ class NFTConfig:
 PRESETS = {
     "reference": {},
     "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True,
-               "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.1, "trigger_confident": 3.0,
-               "trigger_search": "auto"},
+               "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.15, "trigger_online": True,
+               "trigger_universal_blocks": 4, "trigger_confident": 3.0, "trigger_search": "auto"},
 }
 PRESETS["auto"] = dict(PRESETS["strong"], trigger_min_anomaly=2.0)

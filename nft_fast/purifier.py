@@ -170,6 +170,8 @@ class Purifier:
                     # a class-agnostic trigger (target None: nft_fast.inversion) keeps the whole batch
                     keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
                     if bool(keep.any()):
+                        if self.cfg.trigger_online and isinstance(trig, Perturbation):
+                            trig.ascend(self._forward, x[keep])
                         xt = trig.apply(x[keep])
                         extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
                         total = total + self.trigger_weight * extra["trigger_loss"]
@@ -488,10 +490,13 @@ def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dic
         info["trigger_mode"] = "confident" if confident else "patch+universal" if cfg.trigger_universal > 0 else "patch"
         purifier.trigger_weight = cfg.trigger_confident_weight if confident else cfg.trigger_weight
         if cfg.trigger_universal > 0 and not confident:  # taken in turn with the patch triggers
-            u = universal(model, xs, ys, purifier.triggers[0].target, rms=cfg.trigger_universal,
-                          batch_size=cfg.batch_size, seed=cfg.seed)
-            purifier.triggers.append(u)
-            info["universal_success"] = u.success
+            grids = (0, cfg.trigger_universal_blocks) if cfg.trigger_universal_blocks > 0 else (0,)
+            us = [universal(model, xs, ys, purifier.triggers[0].target, rms=cfg.trigger_universal,
+                            batch_size=cfg.batch_size, seed=cfg.seed, blocks=b) for b in grids]
+            purifier.triggers += us
+            info["universal_success"] = us[0].success
+            if len(us) > 1:
+                info["universal_low_success"] = us[1].success
     return info
 
 
@@ -510,7 +515,7 @@ def _run_round(purifier: Purifier, r: int, batches: Batches, bar, xs, ys) -> Dic
             kw = dict(scan_kwargs(cfg), steps=max(1, cfg.trigger_steps // 3))
             purifier.triggers = [
                 universal(purifier.model, xs, ys, t.target, rms=cfg.trigger_universal, steps=20,
-                          batch_size=cfg.batch_size, seed=cfg.seed + r, init=t)
+                          batch_size=cfg.batch_size, seed=cfg.seed + r, init=t, blocks=t.blocks)
                 if isinstance(t, Perturbation) else synthesize(purifier.model, xs, ys, t.target, init=t, **kw)
                 for t in purifier.triggers]
     losses, steps = 0.0, 0

@@ -58,7 +58,7 @@ def _trigger_state(i: int, t) -> tuple:
             {p + "mask": t.mask, p + "pattern": t.pattern}
     if isinstance(t, Perturbation):
         return {"type": "universal", "target": t.target, "norm": t.norm, "success": t.success, "kind": t.kind,
-                "value_range": list(t.value_range)}, {p + "delta": t.delta}
+                "value_range": list(t.value_range), "radius": t.radius, "blocks": t.blocks}, {p + "delta": t.delta}
     if isinstance(t, inversion.FeatureTrigger):
         g = t.generator
         first = g.enc1[0]
@@ -78,7 +78,8 @@ def _trigger_from(i: int, meta: dict, tensors: Dict[str, torch.Tensor], device: 
                        meta["norm"], meta["success"], meta["kind"])
     if kind == "universal":
         return Perturbation(meta["target"], tensors[p + "delta"].to(device), tuple(meta["value_range"]), meta["norm"],
-                            meta["success"], meta["kind"])
+                            meta["success"], meta["kind"], meta.get("radius", 0.0),
+                            meta.get("blocks", 0))
     if kind == "feature":
         with torch.random.fork_rng(devices=[]):  # its initialisation draws from the global RNG
             g = inversion.Generator(meta["channels"], meta["dims"], meta["width"], meta["lo"], meta["hi"], meta["bound"])

@@ -201,9 +201,45 @@ class Perturbation:
     norm: float  # RMS of delta
     success: float
     kind: str = "universal"
+    radius: float = 0.0  # L2 bound of delta (0: unknown, no further steps)
+    blocks: int = 0  # > 0: delta is constant on a blocks x blocks grid of each frame (low frequency)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.delta.to(x.device, x.dtype)).clamp(*self.value_range)
+
+    def ascend(self, forward, x: torch.Tensor, lr: float = 0.125) -> None:
+        """One normalised-gradient step of ``delta`` (length ``lr * radius``) towards ``target`` on
+        the batch ``x`` through ``forward`` (the model as it is now, e.g. masked during
+        purification), projected back on the L2 ball; the gradient reaches ``delta`` only."""
+        if self.radius <= 0:
+            raise ValueError("Perturbation.ascend: the perturbation has no radius (make it with nft_fast.trigger.universal)")
+        d = _universal_step(forward, x, self.delta.to(x.device, x.dtype), self.target, self.value_range,
+                            lr * self.radius, self.radius, self.blocks)
+        self.delta = d.to(self.delta.device, self.delta.dtype)
+
+
+def _lowpass(g: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``g`` (C, [T,] H, W) averaged over a ``blocks`` x ``blocks`` grid of each frame and spread
+    back: the projection onto deltas that are constant on each cell."""
+    size = g.shape[-2:]
+    flat = g.reshape((-1, 1) + tuple(size))
+    low = F.adaptive_avg_pool2d(flat, (min(blocks, size[0]), min(blocks, size[1])))
+    return F.interpolate(low, size=size, mode="nearest").reshape(g.shape)
+
+
+def _universal_step(forward, xb: torch.Tensor, d: torch.Tensor, target: int, value_range: tuple, step: float,
+                    radius: float, blocks: int) -> torch.Tensor:
+    """``d`` moved by ``step`` (L2) along the normalised gradient towards ``target`` on ``xb``
+    (low-passed when ``blocks``), then projected on the L2 ball of ``radius``."""
+    d = d.detach().requires_grad_(True)
+    out = forward((xb + d).clamp(*value_range)).float()
+    loss = F.cross_entropy(out, torch.full((xb.shape[0],), target, device=xb.device, dtype=torch.long))
+    (g,) = torch.autograd.grad(loss, d)
+    with torch.no_grad():
+        if blocks > 0:
+            g = _lowpass(g, blocks)
+        d = d - step * g / g.norm().clamp_min(1e-12)
+        return d * (radius / d.norm().clamp_min(1e-12)).clamp(max=1.0)
 
 
 def universal(
@@ -217,33 +253,31 @@ def universal(
     batch_size: int = 128,
     seed: int = 0,
     init: Optional[Perturbation] = None,
+    blocks: int = 0,
 ) -> Perturbation:
     """The universal perturbation, of RMS at most ``rms`` times the data's value range, that
     sends clean images of other classes to ``target`` (normalised-gradient ascent on the
-    target's log-probability, projected on the L2 ball; ``init`` warm-starts)."""
+    target's log-probability, projected on the L2 ball; ``init`` warm-starts). ``blocks > 0``
+    keeps it constant on a ``blocks`` x ``blocks`` grid of each frame: a low-frequency
+    perturbation (a brightness or colour shift, a blended image's mean) that high-frequency
+    adversarial noise cannot stand in for."""
     src = x[y != target]
     if src.shape[0] == 0:
         raise ValueError(f"universal: the clean set has no samples outside class {target}")
+    if blocks < 0:
+        raise ValueError(f"universal: blocks must be >= 0, got {blocks}")
     device = model_device(model)
     lo, hi = float(x.min()), float(x.max())
     radius = rms * (hi - lo) * float(src[0].numel()) ** 0.5
     gen = torch.Generator().manual_seed(seed)
     d = (init.delta.clone() if init is not None else torch.zeros(tuple(src.shape[1:]))).to(device)
-    lr = radius / 4
     with frozen(model):
         for _ in range(steps):
-            d.requires_grad_(True)
             idx = torch.randint(src.shape[0], (min(batch_size, src.shape[0]),), generator=gen)
-            xb = src[idx].to(device)
-            out = model((xb + d).clamp(lo, hi)).float()
-            loss = F.cross_entropy(out, torch.full((xb.shape[0],), target, device=device, dtype=torch.long))
-            (g,) = torch.autograd.grad(loss, d)
-            with torch.no_grad():
-                d = d - lr * g / g.norm().clamp_min(1e-12)
-                d = d * (radius / d.norm()).clamp(max=1.0)
+            d = _universal_step(model, src[idx].to(device), d, target, (lo, hi), radius / 4, radius, blocks)
     d = d.detach()
     return Perturbation(target, d.cpu(), (lo, hi), float(d.pow(2).mean().sqrt()),
-                        _success(model, src, lambda xb: (xb + d).clamp(lo, hi), target))
+                        _success(model, src, lambda xb: (xb + d).clamp(lo, hi), target), radius=radius, blocks=blocks)
 
 
 def _anomaly(norms: Sequence[float]) -> List[float]:

@@ -11,7 +11,7 @@ from tests.helpers import nets
 import nft_fast
 from nft_fast.config import PRESETS
 from nft_fast.purifier import Purifier, gather, recalibrate_bn
-from nft_fast.trigger import Trigger, _anomaly, scan, search, synthesize, universal
+from nft_fast.trigger import Perturbation, Trigger, _anomaly, _lowpass, scan, search, synthesize, universal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,8 @@ def test_presets():
     assert (d.adv_eps, d.trigger_weight, d.bn_recalibrate) == (0.0, 0.0, False)
     for bad in (dict(adv_eps=-0.1), dict(adv_steps=0), dict(trigger_top=0), dict(trigger_weight=float("nan")),
                 dict(trigger_steps=1.5), dict(trigger_search="all"), dict(trigger_restarts=2),
-                dict(trigger_universal=-0.1)):
+                dict(trigger_universal=-0.1), dict(trigger_universal_blocks=-1), dict(trigger_universal_blocks=2.0),
+                dict(trigger_online="yes")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             nft_fast.NFTConfig(**bad)
     assert set(PRESETS) >= {"reference", "strong"}
@@ -162,6 +163,84 @@ def test_universal_perturbation(toy_backdoor):
     assert all(torch.equal(sd[k], state[k]) for k in sd)
     with pytest.raises(ValueError, match="no samples outside class 0"):
         universal(model, xc[yc == 0], yc[yc == 0], 0)
+
+
+@pytest.mark.parametrize("shape,blocks", [((2, 12, 12), 4), ((3, 13, 9), 4), ((1, 3, 8, 8), 2), ((1, 5, 7), 1)])
+def test_lowpass_is_constant_on_cells(shape, blocks):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = _lowpass(g, blocks)
+    assert p.shape == g.shape
+    h, w = shape[-2:]
+    if h % blocks == 0 and w % blocks == 0:  # then an orthogonal projection: idempotent, cell means kept
+        assert torch.allclose(_lowpass(p, blocks), p)
+        cells = g.reshape(-1, blocks, h // blocks, blocks, w // blocks).mean((2, 4))
+        assert torch.allclose(p.reshape(-1, blocks, h // blocks, blocks, w // blocks)[:, :, 0, :, 0], cells)
+        assert torch.allclose((g * p).sum(), (p * p).sum())  # g - p is orthogonal to p
+    # at most blocks x blocks distinct values per frame
+    frames = p.reshape(-1, h * w)
+    assert all(f.unique().numel() <= blocks * blocks for f in frames)
+    if blocks == 1:
+        assert torch.allclose(p, g.mean((-2, -1), keepdim=True).expand_as(g))
+
+
+def test_low_frequency_universal_and_online_steps(toy_backdoor):
+    model, (xc, yc), _, _ = toy_backdoor
+    state = copy.deepcopy(model.state_dict())
+    u = universal(model, xc, yc, 0, rms=0.1, steps=30, batch_size=64, blocks=2)
+    h, w = xc.shape[-2:]
+    assert u.blocks == 2 and u.radius > 0 and u.norm <= 0.1 * float(xc.max() - xc.min()) * (1 + 1e-5)
+    assert torch.allclose(_lowpass(u.delta, 2), u.delta, atol=1e-6) or h % 2 or w % 2
+    assert all(f.unique().numel() <= 4 for f in u.delta.reshape(-1, h * w))
+    # ascend: one step towards the target through the given forward; only delta changes
+    start = universal(model, xc, yc, 0, rms=0.1, steps=0, blocks=2)
+    src = xc[yc != 0]
+
+    def target_logp(d):
+        with torch.no_grad():
+            return float(torch.log_softmax(model((src + d).clamp(float(xc.min()), float(xc.max()))), 1)[:, 0].mean())
+
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    before = target_logp(start.delta)
+    for _ in range(5):
+        start.ascend(model, src)
+    assert target_logp(start.delta) > before
+    assert float(start.delta.norm()) <= start.radius * (1 + 1e-5)
+    assert all(f.unique().numel() <= 4 for f in start.delta.reshape(-1, h * w))
+    assert all(p.grad is None for p in model.parameters())  # autograd.grad: nothing accumulated
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], state[k]) for k in sd)
+    with pytest.raises(ValueError, match="blocks must be >= 0"):
+        universal(model, xc, yc, 0, blocks=-1)
+    with pytest.raises(ValueError, match="no radius"):
+        Perturbation(0, torch.zeros(xc.shape[1:]), (0.0, 1.0), 0.0, 0.0).ascend(model, src)
+
+
+def test_online_universal_moves_during_purification(toy_backdoor, monkeypatch):
+    """trigger_online: the unlearned perturbation takes a step at each of its turns (and not
+    without the option); the purified model still loses the toy backdoor."""
+    model, (xc, yc), test, poison = toy_backdoor
+    seen = []
+    real = Perturbation.ascend
+
+    def spy(self, forward, x, lr=0.125):
+        seen.append(self.delta.clone())
+        real(self, forward, x, lr)
+
+    monkeypatch.setattr(Perturbation, "ascend", spy)
+    kw = dict(steps=60, rounds=3, batch_size=32, trigger_steps=60, trigger_confident=0.0)
+    res = nft_fast.purify(model, TensorDataset(xc, yc), nft_fast.NFTConfig.preset("strong", trigger_online=False, **kw),
+                          progress=False)
+    assert not seen and res.history[0]["scan"]["trigger_mode"] == "patch+universal"
+    cfg = nft_fast.NFTConfig.preset("strong", trigger_online=True, trigger_universal_blocks=2, **kw)
+    res = nft_fast.purify(model, TensorDataset(xc, yc), cfg, progress=False)
+    # patch, full-resolution and low-frequency perturbations in turn: two steps in three ascend
+    assert len(seen) == 40 and res.history[0]["scan"]["universal_low_success"] >= 0
+    assert any(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+    ev = lambda m: nft_fast.evaluate(m, test, poison, target=0)  # noqa: E731
+    before, after = ev(model), ev(res.folded())
+    assert after["asr"] < 0.5 * before["asr"] and after["acc"] > before["acc"] - 0.15, (before, after)
 
 
 def _bn_state(model):
