@@ -19,6 +19,16 @@ def positive_int(name: str, v: Any, owner: str = "", hi: Optional[int] = None) -
         _fail(owner, f"{name} must be at most {hi}, got {v!r}")
 
 
+#: Largest seed: numpy and torch take 0 .. 2**64 - 1, and derived seeds (seed + round) must fit too.
+MAX_SEED = 2**63 - 1
+
+
+def seed(name: str, v: Any, owner: str = "") -> None:
+    """``v`` is an ``int`` (not a bool) in ``0 .. MAX_SEED``."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SEED:
+        _fail(owner, f"{name} must be an integer in 0..2**63 - 1, got {v!r}")
+
+
 def index(name: str, v: Any, n: int, owner: str = "") -> None:
     """``v`` is an ``int`` (not a bool) in ``0 .. n - 1`` (a class index of ``n`` classes)."""
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:

@@ -10,6 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, TensorDataset
 
 CleanData = Union[Dataset, DataLoader]
+#: :func:`check_clean_data` reads at most this many leading items of a map-style Dataset, plus as
+#: many drawn at random from the rest.
+CHECK_ITEMS = 256
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -106,8 +109,12 @@ def check_clean_data(model: torch.nn.Module, data: CleanData, owner: str) -> Tup
     """Check a clean Dataset / DataLoader against ``model`` before anything is changed: (x, y)
     pairs of a floating-point input the model takes and integer labels in ``0 ..
     classes - 1``, every input finite and within :data:`nft_fast.data.MAX_ABS_INPUT`. Tensor
-    datasets are checked whole as tensors, other map-style datasets sample by sample (their
-    transforms drawing from a forked global RNG, so the caller's stream is unchanged).
+    datasets are checked whole as tensors. Other map-style datasets are checked sample by
+    sample, but only the first :data:`CHECK_ITEMS` items and as many more drawn at random (a
+    fixed seed) from the rest: reading a huge or lazily loaded dataset whole before purifying
+    would cost more than the purification; every batch drawn later is checked again by
+    :meth:`nft_fast.Purifier.step` (finite inputs, labels in range) before it is used. Their
+    transforms draw from a forked global RNG, so the caller's stream is unchanged.
     Returns the first batch's inputs and the number of classes of the model's logits."""
     from .data import ArrayDataset, check_inputs, check_labels
 
@@ -131,8 +138,14 @@ def check_clean_data(model: torch.nn.Module, data: CleanData, owner: str) -> Tup
     elif isinstance(ds, IterableDataset):
         return x0, classes  # no random access: only the first batch was checked
     else:
+        items = torch.arange(min(n, CHECK_ITEMS))
+        if n > 2 * CHECK_ITEMS:
+            g = torch.Generator().manual_seed(0)
+            items = torch.cat([items, torch.randint(CHECK_ITEMS, n, (CHECK_ITEMS,), generator=g).unique()])
+        elif n > CHECK_ITEMS:
+            items = torch.arange(n)
         with fork_rng(torch.device("cpu")):
-            for i in range(n):
+            for i in items.tolist():
                 x, y = _pair(ds[i], owner, f"clean_data item {i}")
                 check_inputs(x.unsqueeze(0), f"{what} item {i}")
                 check_labels(y.reshape(-1), classes, f"{what} item {i}")
@@ -152,6 +165,26 @@ def check_batch_size(batch_size: int, n: int, owner: str) -> None:
     if batch_size > max(n, 128):
         raise ValueError(f"{owner}: batch_size {batch_size} is larger than the clean set ({n} samples): batches are "
                          f"drawn with replacement, so a larger batch only repeats samples; use at most {max(n, 128)}")
+
+
+def check_norm_batch(model: torch.nn.Module, x0: torch.Tensor, batch_size: int, owner: str) -> None:
+    """Refuse batches of one sample when a BatchNorm layer of ``model`` sees a 1x1 map (or a
+    vector) on ``x0``'s samples: one value per channel has no batch statistics in training.
+    Found with one eval-mode forward of one sample (nothing changes)."""
+    if batch_size > 1:
+        return
+    bns = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    single = []
+    hooks = [m.register_forward_pre_hook(lambda _, inp, name=name: single.append(name) if inp[0][0, 0].numel() == 1
+                                         else None) for name, m in bns]
+    try:
+        infer_num_classes(model, x0)
+    finally:
+        for h in hooks:
+            h.remove()
+    if single:
+        raise ValueError(f"{owner}: batch_size {batch_size} gives the BatchNorm layer {single[0]} one value per channel "
+                         "(no batch statistics in training): use a batch size of at least 2")
 
 
 class Batches:

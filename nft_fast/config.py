@@ -13,6 +13,7 @@ _PRECISIONS = ("fp32", "bf16")
 #: reference takes 1000 steps; a million is days of CPU time, more is a typo.
 MAX_STEPS = 1_000_000
 _TRIGGER_KINDS = ("patch", "feature")
+_F32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 #: trigger_search="auto" scans every class up to this many classes, and searches class-agnostically above.
 AUTO_SCAN_CLASSES = 16
 
@@ -130,7 +131,8 @@ class NFTConfig:
                      "trigger_l1", "trigger_min_anomaly", "trigger_blend", "trigger_universal", "trigger_confident",
                      "trigger_confident_weight", "inversion_mask_norm"):
             _checks.number(name, getattr(self, name), owner=own)
-        _checks.number("lr", self.lr, lo_open=True, owner=own)
+        _checks.number("lr", self.lr, hi=_F32_MAX, lo_open=True, owner=own)  # a step size of the float32 masks
+        _checks.seed("seed", self.seed, owner=own)
         _checks.number("inversion_eps", self.inversion_eps, lo_open=True, owner=own)
         _checks.number("momentum", self.momentum, hi=1.0, hi_open=True, owner=own)
         # masks are clamped to [floor, 1]

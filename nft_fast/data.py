@@ -128,6 +128,8 @@ def load_arrays(path: Union[str, os.PathLike]) -> Tuple[torch.Tensor, torch.Tens
                             f"of shape {tuple(v.shape)}")
         if v.shape[0] != x.shape[0]:
             raise DataError(f"data file {path}: x has {x.shape[0]} samples but {k} has {v.shape[0]}")
+        if v.dtype == torch.uint64 and bool((v.view(torch.int64) < 0).any()):  # would wrap to negative int64
+            raise DataError(f"data file {path}: {k} holds labels beyond 2**63 - 1")
     yt = labels["y_target"]
     return x, y.long(), (yt.long() if yt is not None else None)
 
@@ -208,9 +210,12 @@ def image_folder(root: Union[str, os.PathLike], size: Optional[int] = None,
         for f in sorted((root / name).iterdir()):
             if f.suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
                 continue
-            img = Image.open(f).convert("L" if grey else "RGB")
-            if size is not None:
-                img = img.resize((size, size))
+            try:
+                img = Image.open(f).convert("L" if grey else "RGB")
+                if size is not None:
+                    img = img.resize((size, size))
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                raise DataError(f"cannot read the image {f}: {str(e)[:200] or type(e).__name__}") from None
             arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).float().div_(255)
             xs.append(arr.unsqueeze(0) if grey else arr.permute(2, 0, 1))
             ys.append(c)

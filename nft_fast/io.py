@@ -137,7 +137,9 @@ def load_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
 def check_finite(state: Dict[str, torch.Tensor], what: str) -> None:
     """Raise :class:`CheckpointError` when a floating-point or complex tensor of ``state`` holds
     NaN/inf: such a state is neither loaded nor written."""
-    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
+    # float8 has no isfinite kernel: checked as float32 (exact)
+    bad = [k for k, v in state.items() if (v.is_floating_point() or v.is_complex())
+           and not torch.isfinite(v.float() if v.dtype.itemsize == 1 else v).all()]
     if bad:
         raise CheckpointError(f"{what} has NaN/inf values in {len(bad)} tensors, e.g. {bad[:3]}")
 

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import _checks, inversion, layout, ops, resume
 from ._bn import bn_buffers, kept
-from ._loop import (Batches, check_batch_size, check_clean_data, check_model, fork_rng, model_device, num_samples,
-                    progress_bar)
+from ._loop import (Batches, check_batch_size, check_clean_data, check_model, check_norm_batch, fork_rng,
+                    infer_num_classes, model_device, num_samples, progress_bar)
 from .config import NFTConfig
 from .data import check_inputs
 from .machine import cpu_bf16_warning
@@ -40,12 +40,19 @@ class Purifier:
             parameter is frozen. Do not move it to another device afterwards.
         cfg: hyper-parameters (reference defaults).
         samples_per_class: ``N_c = len(clean_set) / num_classes`` of the regularizer.
+        num_classes: the classes of the model's logits, which :meth:`step` checks labels
+            against before computing anything; None: read off the model's output on one
+            sample (eval mode, nothing changed) at the first step.
     """
 
-    def __init__(self, model: nn.Module, cfg: Optional[NFTConfig] = None, samples_per_class: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, cfg: Optional[NFTConfig] = None, samples_per_class: float = 1.0,
+                 num_classes: Optional[int] = None) -> None:
         self.cfg = _checks.config(cfg, "Purifier")
         check_model(model, "Purifier")
         _checks.number("samples_per_class", samples_per_class, lo_open=True)
+        if num_classes is not None:
+            _checks.positive_int("num_classes", num_classes, owner="Purifier")
+        self.num_classes = num_classes
         masks = mask_parameters(model)
         if not masks:
             raise ValueError("model has nothing to mask: it holds no neuron_mask parameters "
@@ -137,8 +144,11 @@ class Purifier:
                 isinstance(lam, (np.floating, np.integer))
             _checks.number("lam", float(lam) if scalar else lam, 0.0, 1.0, owner="step")
         check_inputs(x, "batch x")  # NaN/inf in x would turn every mask NaN before the loss check
-        if bool((y < 0).any()):
-            raise ValueError(f"step: y holds negative labels (min {int(y.min())})")
+        if self.num_classes is None:
+            self.num_classes = infer_num_classes(self.model, x)
+        if bool((y < 0).any()) or bool((y >= self.num_classes).any()):  # before any forward or change
+            raise ValueError(f"step: labels must lie in 0..{self.num_classes - 1} (the model's classes), got y with "
+                             f"min {int(y.min())} and max {int(y.max())}")
         if lam is None or perm is None:
             dl, dp = self.draw(x.shape[0])
             lam = dl if lam is None else lam
@@ -312,8 +322,9 @@ def gather(data, limit: int = 8192) -> tuple:
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128,
                    channels_last: Optional[bool] = None) -> None:
     """Re-estimate every BatchNorm's running statistics on ``x`` (cumulative average over
-    batches of ``batch_size``), in place; the model's train/eval mode is kept. Batches are fed
-    in the layout :mod:`nft_fast.layout` picks (``channels_last`` as in :class:`NFTConfig`)."""
+    batches of ``batch_size``, a last batch of one sample joined to the one before), in place;
+    the model's train/eval mode is kept. Batches are fed in the layout :mod:`nft_fast.layout`
+    picks (``channels_last`` as in :class:`NFTConfig`)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -325,9 +336,12 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128,
     model.train()
     dev = model_device(model)
     cl = layout.wants_channels_last(model, channels_last)
+    starts = list(range(0, x.shape[0], batch_size))
+    if len(starts) > 1 and x.shape[0] - starts[-1] == 1:
+        starts.pop()  # a last batch of one sample joins the one before (no statistics from one value)
     try:
-        for i in range(0, x.shape[0], batch_size):
-            model(layout.like_model(x[i:i + batch_size].to(dev), cl))
+        for i, end in zip(starts, starts[1:] + [x.shape[0]]):
+            model(layout.like_model(x[i:end].to(dev), cl))
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -376,7 +390,9 @@ def purify(
     Every argument is checked before the model is copied or changed: ``cfg`` (again: a field
     changed after creation), the model (not on the meta device), the clean data ((x, y)
     pairs the model takes, finite inputs within ``nft_fast.data.MAX_ABS_INPUT``, labels in
-    range) and a Dataset's batch size (at most ``max(len(clean_data), 128)``); mistakes raise
+    range; of a map-style Dataset of more than 512 items, 256 leading and 256 random ones, every
+    batch being checked again when drawn) and a Dataset's batch size (at most
+    ``max(len(clean_data), 128)``); mistakes raise
     ``TypeError`` / ``ValueError`` naming the argument.
     """
     # everything is checked before the model is copied or changed (inplace: the caller's)
@@ -386,9 +402,10 @@ def purify(
         _checks.positive_int("num_classes", num_classes, owner="purify")
     if samples_per_class is not None:
         _checks.number("samples_per_class", samples_per_class, lo_open=True, owner="purify")
-    _, model_classes = check_clean_data(model, clean_data, "purify")
+    x0, model_classes = check_clean_data(model, clean_data, "purify")
     if not isinstance(clean_data, DataLoader):  # a DataLoader's batches are the caller's
         check_batch_size(cfg.batch_size, num_samples(clean_data), "purify")
+        check_norm_batch(model, x0, cfg.batch_size, "purify")
     elif checkpoint is not None:
         raise ValueError("purify: checkpoint needs a Dataset as clean_data (a DataLoader's position cannot be saved)")
     was_training = model.training  # the returned model gets the caller's mode and requires_grad flags
@@ -405,7 +422,7 @@ def purify(
     if num_classes is None:
         num_classes = model_classes
     n_c = samples_per_class if samples_per_class is not None else n_data / num_classes
-    purifier = Purifier(model, cfg, samples_per_class=n_c)
+    purifier = Purifier(model, cfg, samples_per_class=n_c, num_classes=model_classes)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()

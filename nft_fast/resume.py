@@ -472,5 +472,6 @@ def digest(*tensors: Optional[torch.Tensor]) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if t.numel():  # an empty tensor has no bytes (and no byte view)
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()

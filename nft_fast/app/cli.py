@@ -12,7 +12,7 @@ from ..config import PRESETS, NFTConfig
 from ..evaluation import evaluate
 from ..machine import machine_info
 from ..ops import BackendUnavailable
-from .pipeline import UsageError, check_out_dir, inputs_from_files, purify_to_folder
+from .pipeline import UsageError, check_metrics, check_out_dir, inputs_from_files, purify_to_folder
 from .report import metrics_table
 
 
@@ -69,10 +69,11 @@ def _spec_from(args):
 
 
 def cmd_train_backdoor(args) -> int:
-    from ..harness.runs import RUN_FILES, run_folder, train
+    from ..harness.runs import RUN_FILES, check_spec, run_folder, train
 
     if args.arch not in models.ARCHS:
         raise UsageError(f"unknown --arch {args.arch!r}; known: {', '.join(sorted(models.ARCHS))}")
+    check_spec(_spec_from(args), "train-backdoor", lambda f: "--" + f.replace("_", "-"))
     if args.resume and args.attack == "inputaware":
         raise UsageError("--resume: inputaware trains its generators jointly and saves no epoch checkpoints; "
                          "run without --resume")
@@ -100,6 +101,7 @@ def cmd_evaluate(args) -> int:
         ins = inputs_from_files(args.checkpoint, args.arch, args.test_data, args.test_data, args.poison_data,
                                 args.target)
         m = evaluate(ins.model, ins.test, ins.poison)
+        check_metrics(m, f"evaluating checkpoint {args.checkpoint} on {args.test_data}")
     print(metrics_table({str(args.checkpoint or Path(args.run) / "model.safetensors"): m}))
     if args.json:
         print(json.dumps(m))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ def _read_set(path: PathLike, grey: bool = False):
 def _load_eval_set(path: PathLike, what: str, like: torch.Tensor, num_classes: int):
     x, y, yt = _read_set(path, grey=like.shape[1] == 1)
     what = f"{what} ({path})"
+    if x.shape[0] == 0:
+        raise DataError(f"the {what} is empty")
     if x.shape[1:] != like.shape[1:]:
         raise DataError(f"the {what} has samples of shape {tuple(x.shape[1:])} (channels first), "
                         f"the clean set {tuple(like.shape[1:])}")
@@ -172,12 +175,13 @@ def inputs_from_files(checkpoint: Optional[PathLike], arch: Optional[str], data:
     x, y, _ = _read_set(data, grey=kw.get("in_channels") == 1)
     kw = dict(dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1]), **kw)
     if x.shape[1] != kw["in_channels"]:
-        raise DataError(f"the clean set has {x.shape[1]} channels but the checkpoint expects {kw['in_channels']}")
-    _checks.index("--target", target, kw["num_classes"])
+        raise DataError(f"the clean set ({data}) has {x.shape[1]} channels but the checkpoint {checkpoint} expects "
+                        f"{kw['in_channels']}")
     try:
         model = models.build(arch, **kw)
     except ValueError as e:  # sizes read off the files: absurd, or too large for this machine
         raise CheckpointError(f"checkpoint {checkpoint} (--arch {arch}) with the clean set {data}: {e}") from None
+    _checks.index("--target", target, kw["num_classes"])  # after build: a checkpoint of 0 classes is refused there
     load_into(model, state, f"checkpoint {checkpoint} (--arch {arch})")
     _check_fits(model, arch, x, data)
     test = poison = None
@@ -186,7 +190,12 @@ def inputs_from_files(checkpoint: Optional[PathLike], arch: Optional[str], data:
         test = _loader(xt, yt)
     if poison_data:
         xp, yp, ytp = _load_eval_set(poison_data, "poisoned test set", x, kw["num_classes"])
-        poison = _loader(xp, yp, ytp if ytp is not None else torch.full_like(yp, target))
+        given = ytp is not None
+        ytp = ytp if given else torch.full_like(yp, target)
+        if not bool((yp != ytp).any()):  # ASR and RA count only these
+            raise DataError(f"the poisoned test set ({poison_data}) has no sample whose label differs from its target "
+                            f"({'its y_target' if given else f'--target {target}'}): ASR and RA would be undefined")
+        poison = _loader(xp, yp, ytp)
     return Inputs(model, arch, kw, x, y, test, poison)
 
 
@@ -286,7 +295,10 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
     x, y, num_classes = ins.x, ins.y, ins.arch_kwargs["num_classes"]
     check_clean_set(x, y, num_classes, what=f"clean set ({data or run})")
     if per_class_k is not None:
-        idx = per_class(y, per_class_k, cfg.seed)
+        try:
+            idx = per_class(y, per_class_k, cfg.seed)
+        except DataError as e:
+            raise DataError(f"--per-class {per_class_k}: {e} (clean set {data or run})") from None
         x, y = x[idx], y[idx]
     exclude, sites = _attach(ins.model, ins.arch, exclude, neurons)
     if backend != "auto":
@@ -298,8 +310,12 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
     before = evaluate(ins.model, test, poison) if (test or poison) else {}
     out = folder.out
     # the lock is taken once purify has checked its arguments (folder.load, its checkpoint)
-    result = purify(ins.model, ArrayDataset(x, y, augment=augment), cfg, num_classes=num_classes, inplace=True,
-                    test_loader=test, poison_loader=poison, progress=progress, checkpoint=folder)
+    inputs = f"checkpoint {checkpoint or Path(run) / 'model.safetensors'} with the clean set {data or run}"
+    try:
+        result = purify(ins.model, ArrayDataset(x, y, augment=augment), cfg, num_classes=num_classes, inplace=True,
+                        test_loader=test, poison_loader=poison, progress=progress, checkpoint=folder)
+    except FloatingPointError as e:  # e.g. weights so large that the loss overflows
+        raise DataError(f"purifying the {inputs}: {e}") from None
     plain = fold_masks(result.model)
     after = evaluate(plain, test, poison) if (test or poison) else {}
     states = {"purified.safetensors": plain.state_dict(),
@@ -308,8 +324,8 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
         try:
             check_finite(state, name)
         except CheckpointError as e:
-            raise DataError(f"purification gave non-finite values, nothing was written: {e}; check the clean set's "
-                            "values and the learning rate") from None
+            raise DataError(f"purification gave non-finite values, nothing was written: {e}; check the {inputs} "
+                            "(weights or values so large that they overflow) and the learning rate") from None
     report = {
         "checkpoint": str(checkpoint or Path(run) / "model.safetensors"), "run": None if run is None else str(run),
         "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "clean_samples": int(x.shape[0]),
@@ -322,6 +338,7 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
     signal = _signal(result, plain, x, y, cfg)
     if signal is not None:
         report["signal"] = signal
+    check_metrics(report, f"purifying the {inputs}", ", nothing was written")
     masks = {s.name: s.mask.detach().cpu().numpy() for s in sites}
 
     def write_into(staging: Path) -> None:
@@ -334,6 +351,26 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
 
     folder.write(write_into)
     return report
+
+
+def nonfinite(obj: Any, where: str = "") -> List[str]:
+    """The places (``a.b[0].c``) of NaN/inf numbers in a JSON-like ``obj``."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [f"{where or 'value'} {obj}"]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite(v, f"{where}[{i}]")]
+    return []
+
+
+def check_metrics(obj: Any, what: str, note: str = "") -> None:
+    """Raise :class:`DataError` when ``obj`` (metrics, a report) holds NaN/inf numbers: they
+    are neither printed nor written (JSON has no such values)."""
+    bad = nonfinite(obj)
+    if bad:
+        raise DataError(f"{what} gave non-finite values{note}: {', '.join(bad[:3])} (logits overflow: weights or "
+                        "inputs too large?)")
 
 
 def _file_sha256(path: Path) -> str:

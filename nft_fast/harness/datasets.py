@@ -4,8 +4,10 @@ defender/attacker split, and small synthetic tasks (images, moving-shape clips) 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -33,14 +35,19 @@ def data_dir(override: Optional[Union[str, os.PathLike]] = None) -> Path:
 def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, unreadable
+        raise DataError(f"cannot read {path}: {str(e)[:200] or type(e).__name__}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path} is truncated: its header declares {ndim} dimensions")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
+    if data.size != math.prod(dims):
         raise DataError(f"{path} is truncated: {data.size} values for shape {dims}")
     return data.reshape(dims)
 
@@ -57,6 +64,14 @@ def fashion_mnist(split: str = "train", root: Optional[Union[str, os.PathLike]] 
                         "`apt-get install dataset-fashion-mnist`, or point --data-dir / NFT_FAST_DATA_DIR at a folder "
                         "holding the four IDX .gz files")
     x, y = read_idx(paths[0]), read_idx(paths[1])
+    if x.ndim != 3 or y.ndim != 1:
+        raise DataError(f"{paths[0]} and {paths[1]} hold arrays of shapes {x.shape} and {y.shape}: expected (N, H, W) "
+                        "images and (N,) labels")
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise DataError(f"{paths[0]} holds {x.shape[0]} images and {paths[1]} {y.shape[0]} labels: expected the same "
+                        "number, at least one")
+    if int(y.max()) >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{paths[1]} has labels outside 0..{len(FASHION_MNIST_CLASSES) - 1} (max {int(y.max())})")
     return torch.from_numpy(x.copy()).unsqueeze(1).float().div_(255), torch.from_numpy(y.astype(np.int64))
 
 

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,10 +25,13 @@ from .. import data as D
 from . import datasets
 from .. import models
 from ..evaluation import evaluate
-from ..io import load_into, load_state_dict, save_state_dict, write_json
+from ..io import CheckpointError, check_finite, load_into, load_state_dict, save_state_dict, write_json
+from .._loop import check_norm_batch
 from ..resume import RunFolder, digest
 
 DATASETS = ("fashion-mnist", "moving-shapes")
+#: Upper limit of a run's epochs: schedules take a few hundred; more is a typo (days of CPU time).
+MAX_EPOCHS = 10_000
 #: The files of a run folder (``attack.safetensors`` only for attacks with learned triggers).
 RUN_FILES = ("model.safetensors", "run.json", "attack.safetensors")
 
@@ -111,10 +114,17 @@ class RunData:
 def prepare(spec: BackdoorSpec, root=None) -> RunData:
     xtr, ytr, xte, yte, nc = load_dataset(spec.dataset, root)
     attacker, clean = datasets.holdout_split(ytr, spec.clean_fraction, seed=spec.seed)
+    if attacker.numel() == 0:
+        raise D.DataError(f"clean_fraction {spec.clean_fraction} holds out all {ytr.numel()} training samples of "
+                          f"{_where(spec, root)} (at least one per class): none is left to train on")
     if spec.train_subset is not None:
         order = torch.randperm(attacker.numel(), generator=torch.Generator().manual_seed(spec.seed))
         attacker = attacker[order[: spec.train_subset]]
     return RunData((xtr[attacker], ytr[attacker]), (xtr[clean], ytr[clean]), (xte, yte), nc)
+
+
+def _where(spec: BackdoorSpec, root=None) -> str:
+    return f"{spec.dataset} ({datasets.data_dir(root)})" if spec.dataset == "fashion-mnist" else spec.dataset
 
 
 def poison_loader(attack, data: RunData, batch_size: int = 512) -> DataLoader:
@@ -146,9 +156,17 @@ def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True, folde
     out = Path(out)
     data = prepare(spec, root)
     attack = build_attack(spec, data.num_classes)
+    if not bool((attack.target_labels(data.test[1]) != data.test[1]).any()):  # ASR and RA count only these
+        raise D.DataError(f"the test set of {_where(spec, root)} has no sample whose label differs from the attack's "
+                          f"target {attack.target}: ASR and RA would be undefined")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = build_model(spec, data)
+    n = data.train[0].shape[0]
+    if n < spec.batch_size and not isinstance(attack, InputAware):  # batches are full (drop_last): none at all
+        raise D.DataError(f"batch_size {spec.batch_size} is larger than the {n} training samples of {_where(spec, root)}"
+                          ": no batch to train on")
+    check_norm_batch(model, data.train[0][:1], spec.batch_size, "train")
     checkpoint = None
     if folder is not None:
         folder.fingerprint = {"spec": spec.to_dict(), "training data": digest(*data.train)}
@@ -161,6 +179,11 @@ def train(spec: BackdoorSpec, out: Path, root=None, progress: bool = True, folde
     metrics = evaluate(model, data.test_loader(), poison_loader(attack, data))
     run = {"spec": spec.to_dict(), "attack": attack.to_dict(), "num_classes": data.num_classes,
            "train_seconds": seconds, "train_info": info, "metrics": metrics}
+
+    try:  # checked before anything is written
+        check_finite(model.state_dict(), "the trained model")
+    except CheckpointError as e:
+        raise D.DataError(f"training diverged, nothing was written: {e}; lower the learning rate (lr {spec.lr})") from None
 
     def write_into(d: Path) -> None:
         save_state_dict(model.state_dict(), d / "model.safetensors")
@@ -198,21 +221,27 @@ def read_run_json(path: Path) -> Tuple[dict, BackdoorSpec]:
         raise D.DataError(f"{path} has no \"spec\" object (the backdoor spec `nft-fast train-backdoor` writes)")
     try:
         spec = BackdoorSpec.from_dict(run["spec"])
-        own = f"{path}: spec"
-        _checks.one_of("arch", spec.arch, tuple(models.ARCHS), owner=own)
-        _checks.one_of("dataset", spec.dataset, DATASETS, owner=own)
-        for name in ("width", "epochs", "batch_size"):
-            _checks.positive_int(name, getattr(spec, name), owner=own)
-        if spec.train_subset is not None:
-            _checks.positive_int("train_subset", spec.train_subset, owner=own)
-        _checks.number("clean_fraction", spec.clean_fraction, 0.0, 1.0, lo_open=True, hi_open=True, owner=own)
-        if not isinstance(spec.seed, int) or isinstance(spec.seed, bool):
-            raise ValueError(f"{own}: seed must be an integer, got {spec.seed!r}")
-        if not isinstance(spec.attack, str) or not isinstance(spec.attack_params, dict):
-            raise ValueError(f"{own}: attack must be a name and attack_params an object")
+        check_spec(spec, f"{path}: spec")
     except (TypeError, ValueError) as e:
         raise D.DataError(str(e)) from None
     return run, spec
+
+
+def check_spec(spec: BackdoorSpec, owner: str, name: Callable[[str], str] = str) -> None:
+    """Raise ``ValueError`` naming the field of ``spec`` (as ``name(field)``, e.g. an option)
+    that is out of range, before anything is loaded or built."""
+    _checks.one_of(name("arch"), spec.arch, tuple(models.ARCHS), owner=owner)
+    _checks.one_of(name("dataset"), spec.dataset, DATASETS, owner=owner)
+    for f in ("width", "epochs", "batch_size"):
+        _checks.positive_int(name(f), getattr(spec, f), owner=owner, hi=MAX_EPOCHS if f == "epochs" else None)
+    if spec.train_subset is not None:
+        _checks.positive_int(name("train_subset"), spec.train_subset, owner=owner)
+    _checks.number(name("clean_fraction"), spec.clean_fraction, 0.0, 1.0, lo_open=True, hi_open=True, owner=owner)
+    _checks.number(name("rate"), spec.rate, 0.0, 1.0, owner=owner)
+    _checks.number(name("lr"), spec.lr, lo_open=True, owner=owner)
+    _checks.seed(name("seed"), spec.seed, owner=owner)
+    if not isinstance(spec.attack, str) or not isinstance(spec.attack_params, dict):
+        raise ValueError(f"{owner}: attack must be a name and attack_params an object")
 
 
 def load_run(folder, root=None, checkpoint=None) -> LoadedRun:
