@@ -363,7 +363,8 @@ def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
     sig = report["signal"]
     scan_keys = {"trigger_anomaly", "trigger_suspect", "trigger_norm"}
     assert scan_keys <= sig["before"].keys() <= sig["after"].keys() | {
-        "trigger_seconds", "trigger_unlearning", "trigger_search", "trigger_mode", "universal_success"}
+        "trigger_seconds", "trigger_unlearning", "trigger_search", "trigger_mode", "universal_success",
+        "universal_low_success"}
     assert sig["before"]["trigger_mode"] in ("confident", "patch+universal")
     assert isinstance(sig["backdoor_likely"], bool) and "Verdict" in (out / "report.md").read_text()
     assert "Poison-free signal" in (out / "report.md").read_text()
