@@ -157,7 +157,8 @@ def test_every_fused_bn_call_exact(arch, shape, counts, monkeypatch, one_thread)
     torch.manual_seed(1)
     model = build(arch, 5, 3, width=4, image_size=shape[-1])
     nft_fast.attach_masks(model)
-    p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.1, seed=3), samples_per_class=2.0)
+    # num_classes given: no eval-mode forward to read it off the logits, only the training step
+    p = nft_fast.Purifier(model, nft_fast.NFTConfig(lr=0.1, seed=3), samples_per_class=2.0, num_classes=5)
     x, y = torch.randn(shape), torch.randint(0, 5, (shape[0],))
     with nft_fast.use_backend("triton"):
         p.step(x, y)
