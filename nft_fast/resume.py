@@ -323,7 +323,7 @@ class RunFolder:
       ``overwrite``, never silently;
     - :meth:`begin` takes the lock (creating ``out``); :meth:`load` / :meth:`save` are the
       ``checkpoint`` protocol of :func:`nft_fast.purifier.purify` and of training: the latest
-      state in ``out/.resume``, refused if its ``fingerprint`` differs from this run's;
+      state in ``out/.resume``, refused if its ``fingerprint`` differs from the current inputs' and options';
     - :meth:`write` stages the outputs and moves them into place as a set, then drops the state
       and releases the lock; :meth:`run` wraps the work so that Ctrl-C raises
       :class:`~nft_fast.outdir.Interrupted` with :meth:`note` and an error cleans up (:meth:`fail`).
