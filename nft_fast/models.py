@@ -136,7 +136,8 @@ class ResNet(nn.Module):
       shortcuts ``shortcut`` (the NFT/ANP reference code);
     * ``"imagenet"``: torchvision layout, 7x7 stride-2 ``conv1`` + ``bn1`` + 3x3/2 max-pool,
       head ``fc``, shortcuts ``downsample``;
-    * ``"preact"``: PreActResNet, 3x3 ``conv1`` without BN, final ``bn`` + ReLU, head ``linear``.
+    * ``"preact"``: PreActResNet, 3x3 ``conv1`` without BN, final ``bn`` + ReLU, head ``linear``
+      (``final_norm=False``: no final ``bn`` and ReLU, as the PreActResNet-18 of BackdoorBench and WaNet).
 
     The stem BN ``bn1`` is always a plain ``nn.BatchNorm2d`` (the reference never masks it);
     ``norm_layer`` builds every other BN.
@@ -144,11 +145,12 @@ class ResNet(nn.Module):
 
     def __init__(self, num_blocks: Sequence[int] = (2, 2, 2, 2), num_classes: int = 10,
                  norm_layer: Optional[NormLayer] = None, in_channels: int = 3, width: int = 64,
-                 block: type = BasicBlock, stem: str = "cifar") -> None:
+                 block: type = BasicBlock, stem: str = "cifar", final_norm: bool = True) -> None:
         super().__init__()
         if stem not in ("cifar", "imagenet", "preact"):
             raise ValueError(f"unknown ResNet stem {stem!r}")
         self.stem_type, self.block, self.in_planes = stem, block, width
+        self.final_norm = stem == "preact" and final_norm
         k, s = (7, 2) if stem == "imagenet" else (3, 1)
         self.conv1 = nn.Conv2d(in_channels, width, k, s, k // 2, bias=False)
         if stem != "preact":
@@ -158,7 +160,7 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(2 * width, num_blocks[1], 2, norm_layer, sc)
         self.layer3 = self._make_layer(4 * width, num_blocks[2], 2, norm_layer, sc)
         self.layer4 = self._make_layer(8 * width, num_blocks[3], 2, norm_layer, sc)
-        if stem == "preact":
+        if self.final_norm:
             self.bn = (norm_layer or nn.BatchNorm2d)(self.in_planes)
         self._head_name = "fc" if stem == "imagenet" else "linear"
         setattr(self, self._head_name, nn.Linear(self.in_planes, num_classes))
@@ -177,7 +179,7 @@ class ResNet(nn.Module):
         if self.stem_type == "imagenet":
             out = F.max_pool2d(out, 3, 2, 1)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        if self.stem_type == "preact":
+        if self.final_norm:
             out = norm_act(self.bn, out)
         # The reference uses avg_pool2d(out, 4), which equals this on 32x32 (and 28x28) inputs.
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
@@ -206,6 +208,13 @@ def resnet50_imagenet(num_classes: int = 10, norm_layer: Optional[NormLayer] = N
 def preactresnet18(num_classes: int = 10, norm_layer: Optional[NormLayer] = None, in_channels: int = 3,
                    width: int = 64) -> ResNet:
     return ResNet((2, 2, 2, 2), num_classes, norm_layer, in_channels, width, PreActBlock, "preact")
+
+
+def preactresnet18_backdoorbench(num_classes: int = 10, norm_layer: Optional[NormLayer] = None, in_channels: int = 3,
+                                 width: int = 64) -> ResNet:
+    """BackdoorBench's (and WaNet's) PreActResNet-18: no final BN and ReLU before the pooling;
+    same key names as :func:`preactresnet18` less ``bn.*``."""
+    return ResNet((2, 2, 2, 2), num_classes, norm_layer, in_channels, width, PreActBlock, "preact", final_norm=False)
 
 
 # --------------------------------------------------------------------------- VGG
@@ -437,6 +446,7 @@ ARCHS: Dict[str, Tuple[Callable[..., nn.Module], Tuple[str, ...]]] = {
     "resnet50": (_resnet(resnet50), ("bn1",)),
     "resnet50_imagenet": (_resnet(resnet50_imagenet), ("bn1",)),
     "preactresnet18": (_resnet(preactresnet18), ()),
+    "preactresnet18_backdoorbench": (_resnet(preactresnet18_backdoorbench), ()),
     "vgg16_bn": (lambda num_classes, in_channels, width, image_size: VGG(VGG16_CFG, num_classes, in_channels, width),
                  ("features.1",)),
     "mobilenetv2": (lambda num_classes, in_channels, width, image_size: MobileNetV2(num_classes, in_channels, width),
@@ -453,6 +463,7 @@ _INFER: Dict[str, Tuple[Optional[str], str, str, float]] = {
     "resnet18": ("conv1.weight", "linear.weight", "conv1.weight", 1.0),
     "resnet50": ("conv1.weight", "linear.weight", "conv1.weight", 1.0),
     "preactresnet18": ("conv1.weight", "linear.weight", "conv1.weight", 1.0),
+    "preactresnet18_backdoorbench": ("conv1.weight", "linear.weight", "conv1.weight", 1.0),
     "resnet18_imagenet": ("conv1.weight", "fc.weight", "conv1.weight", 1.0),
     "resnet50_imagenet": ("conv1.weight", "fc.weight", "conv1.weight", 1.0),
     "vgg16_bn": ("features.0.weight", "classifier.weight", "features.0.weight", 1.0),

@@ -32,8 +32,8 @@ def nparams(m):
 
 
 def test_arch_names():
-    assert set(models.ARCHS) == {"preactresnet18", "resnet18", "resnet18_imagenet", "resnet50", "resnet50_imagenet",
-                                 "vgg16_bn", "mobilenetv2", "r3d18", "vit", "mlp"}
+    assert set(models.ARCHS) == {"preactresnet18", "preactresnet18_backdoorbench", "resnet18", "resnet18_imagenet",
+                                 "resnet50", "resnet50_imagenet", "vgg16_bn", "mobilenetv2", "r3d18", "vit", "mlp"}
     with pytest.raises(ValueError, match="unknown architecture"):
         models.build("resnet19")
 

@@ -47,7 +47,8 @@ def run_purify(args: argparse.Namespace, title: str = "NFT purification") -> dic
         args.out, run=args.run, checkpoint=args.checkpoint, arch=args.arch, data=args.data, test_data=args.test_data,
         poison_data=args.poison_data, target=args.target, per_class_k=args.per_class, exclude=args.exclude,
         neurons=args.neurons, augment=args.augment, data_dir=args.data_dir, config=_cfg_from(args),
-        backend=args.backend, progress=not args.no_progress, title=title, resume=args.resume, overwrite=args.overwrite)
+        backend=args.backend, progress=not args.no_progress, title=title, resume=args.resume, overwrite=args.overwrite,
+        backdoorbench=getattr(args, "backdoorbench", None), trust_pickle=getattr(args, "trust_pickle", False))
 
 
 def cmd_purify(args) -> int:
@@ -160,6 +161,13 @@ def _add_purify(sub) -> None:
                                    "(purified.safetensors), the masks and a report (JSON, markdown, plots) into --out. "
                                    "Checkpoints are loaded without executing code.")
     p.add_argument("--run", help="a `train-backdoor` run folder: model, clean set and test sets come from it")
+    p.add_argument("--backdoorbench", metavar="DIR",
+                   help="a BackdoorBench attack folder (record/<name>/ with attack_result.pt): model, 5%% clean "
+                        "training subset and test sets come from it and the original dataset (its data_path, or "
+                        "--data-dir); docs/backdoorbench.md")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="with --backdoorbench: unpickle attack_result.pt in full, which runs any code it holds "
+                        "(needed when it stores PIL images); only for files you trust")
     p.add_argument("--checkpoint", help="state dict: .safetensors, or a torch file (loaded weights_only); "
                                         "with --run, evaluated/purified instead of the run's own model")
     p.add_argument("--arch", help=f"architecture: {', '.join(sorted(models.ARCHS))}")

@@ -50,6 +50,7 @@ class Inputs:
     y: torch.Tensor
     test: Optional[DataLoader]
     poison: Optional[DataLoader]
+    source: Optional[Dict[str, Any]] = None  # where the inputs came from, for the report
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -211,6 +212,17 @@ def inputs_from_run(run: PathLike, data_dir: Optional[PathLike] = None,
                   poison_loader(loaded.attack, loaded.data))
 
 
+def inputs_from_backdoorbench(folder: PathLike, trust_pickle: bool = False, data_dir: Optional[PathLike] = None,
+                              seed: int = 0) -> Inputs:
+    """Model, clean set and test sets of a BackdoorBench attack folder
+    (:func:`nft_fast.harness.backdoorbench.load_backdoorbench`)."""
+    from ..harness.backdoorbench import load_backdoorbench
+
+    bb = load_backdoorbench(folder, trust_pickle=trust_pickle, data_dir=data_dir, seed=seed)
+    return Inputs(bb.model, bb.arch, bb.arch_kwargs, *bb.clean, _loader(*bb.test), _loader(*bb.poison),
+                  source={"backdoorbench": bb.info})
+
+
 def _attach(model: nn.Module, arch: str, exclude: Optional[Sequence[str]], neurons: bool) -> Tuple[tuple, List[MaskSite]]:
     exclude = tuple(exclude) if exclude is not None else models.default_exclude(arch)
     attach_masks(model, exclude=exclude, neurons=neurons)
@@ -254,6 +266,8 @@ def purify_to_folder(
     resume: bool = False,
     overwrite: bool = False,
     log: Optional[Callable[[str], None]] = None,
+    backdoorbench: Optional[PathLike] = None,
+    trust_pickle: bool = False,
 ) -> Dict[str, Any]:
     """Purify a model and write ``purified.safetensors``, ``masks.safetensors``, ``report.json``,
     ``report.md`` and plots into ``out``; returns the report.
@@ -272,26 +286,43 @@ def purify_to_folder(
     (:class:`~nft_fast.resume.FolderError` otherwise). Ctrl-C raises
     :class:`~nft_fast.outdir.Interrupted`, whose ``note`` says what was saved. ``log`` gets the
     messages about resuming and locks (default: stderr).
+
+    ``backdoorbench``: a BackdoorBench attack folder in place of the other inputs (its model,
+    a 5% clean training subset of the original dataset in ``data_dir``, its clean and poisoned
+    test sets); ``trust_pickle`` unpickles its ``attack_result.pt`` in full (runs code from it).
     """
     cfg = _checks.config(config, "purify_to_folder")
     if per_class_k is not None:
         _checks.positive_int("per_class_k (--per-class)", per_class_k)
     out = Path(out)
+    if trust_pickle and not backdoorbench:
+        raise UsageError("--trust-pickle applies only to --backdoorbench")
+    if backdoorbench:
+        given = [f"--{n.replace('_', '-')}" for n, v in (("run", run), ("checkpoint", checkpoint), ("arch", arch),
+                 ("data", data), ("test_data", test_data), ("poison_data", poison_data)) if v]
+        if given:
+            raise UsageError(f"--backdoorbench brings the model and all data: drop {', '.join(given)}")
+        checkpoint = Path(backdoorbench) / "attack_result.pt"
     if run:
         from ..harness.runs import RUN_FILES
     run_files = [Path(run) / n for n in RUN_FILES] if run else []
     check_out_dir(out, [checkpoint, data, test_data, poison_data, *run_files])
     folder = out_folder(out, resume, overwrite, log)
     folder.check()
+    bb = (backdoorbench, trust_pickle) if backdoorbench else None
     return folder.run(lambda: _purify_to_folder(folder, run, checkpoint, arch, data, test_data, poison_data, target,
                                                 per_class_k, exclude, neurons, augment, data_dir, cfg, backend,
-                                                progress, title))
+                                                progress, title, bb))
 
 
 def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data, poison_data, target, per_class_k,
-                      exclude, neurons, augment, data_dir, cfg: NFTConfig, backend, progress, title) -> Dict[str, Any]:
-    ins = (inputs_from_run(run, data_dir, checkpoint) if run
-           else inputs_from_files(checkpoint, arch, data, test_data, poison_data, target))
+                      exclude, neurons, augment, data_dir, cfg: NFTConfig, backend, progress, title,
+                      bb=None) -> Dict[str, Any]:
+    if bb:
+        ins, data = inputs_from_backdoorbench(bb[0], bb[1], data_dir, cfg.seed), bb[0]
+    else:
+        ins = (inputs_from_run(run, data_dir, checkpoint) if run
+               else inputs_from_files(checkpoint, arch, data, test_data, poison_data, target))
     x, y, num_classes = ins.x, ins.y, ins.arch_kwargs["num_classes"]
     check_clean_set(x, y, num_classes, what=f"clean set ({data or run})")
     if per_class_k is not None:
@@ -335,6 +366,8 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
         "outputs": {"model": str(out / "purified.safetensors"), "masks": str(out / "masks.safetensors")},
         "machine": machine_info(),
     }
+    if ins.source:
+        report.update(ins.source)
     signal = _signal(result, plain, x, y, cfg)
     if signal is not None:
         report["signal"] = signal
