@@ -7,6 +7,7 @@ over a flat buffer that holds every mask, and nothing unused is computed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from . import _checks, inversion, layout, ops, resume
+from . import _checks, distributed, inversion, layout, ops, resume
 from ._bn import bn_buffers, kept
 from ._loop import (Batches, check_batch_size, check_clean_data, check_model, check_norm_batch, fork_rng,
                     infer_num_classes, model_device, num_samples, progress_bar)
@@ -46,8 +47,12 @@ class Purifier:
     """
 
     def __init__(self, model: nn.Module, cfg: Optional[NFTConfig] = None, samples_per_class: float = 1.0,
-                 num_classes: Optional[int] = None) -> None:
+                 num_classes: Optional[int] = None, group=None) -> None:
         self.cfg = _checks.config(cfg, "Purifier")
+        self.world = distributed.world(group)
+        if self.world is not None and self.cfg.cuda_graph:
+            raise ValueError("Purifier: cuda_graph captures a single-process step; turn it off for distributed "
+                             f"purification (world size {self.world.size})")
         check_model(model, "Purifier")
         _checks.number("samples_per_class", samples_per_class, lo_open=True)
         if num_classes is not None:
@@ -70,7 +75,10 @@ class Purifier:
         # update sees all masks and gradients as single contiguous tensors.
         dtype = masks[0].dtype
         self._mask = torch.cat([m.detach().reshape(-1).to(dtype) for m in masks])
-        self._grad = torch.zeros_like(self._mask)
+        # distributed: the step's three loss values ride behind the gradients in one all-reduce
+        self._comm = torch.zeros(self._mask.numel() + (3 if self.world is not None else 0), dtype=dtype,
+                                 device=self._mask.device)
+        self._grad = self._comm[: self._mask.numel()]
         self._buf = torch.zeros_like(self._mask)
         floors, off = [], 0
         for l, p in enumerate(masks, start=1):
@@ -158,6 +166,8 @@ class Purifier:
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         perm = perm.to(self.device)
+        if self.world is not None:
+            return self._shard_step(x, y, lam, perm)
         if self.cfg.mixup_kind == "videomix":
             x_mix, lam = ops.videomix_batch(x, perm, float(lam), self._gen, channels_last=self.channels_last)
             loss = ops.mixup_cross_entropy(self._forward(x_mix), y, perm, lam)
@@ -199,6 +209,71 @@ class Purifier:
             info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.trigger_weight) * info[k]
         return info
 
+
+    def _shard_step(self, x: torch.Tensor, y: torch.Tensor, lam, perm: torch.Tensor) -> Dict[str, float]:
+        """:meth:`step` on this rank's contiguous shard of the global batch ``(x, y)`` (every rank
+        holds the same batch and draws): each loss is this shard's sum over the global batch size,
+        BatchNorm uses the global batch's statistics, and one all-reduce sums the mask gradients
+        and the loss values, so every rank applies the update one process would. The trigger's
+        online step and the adversarial inputs are computed on the whole batch by every rank
+        (identical, as in one process), their losses on the shard."""
+        w, n = self.world, x.shape[0]
+        if n < w.size:
+            raise ValueError(f"step: a batch of {n} samples cannot be split over {w.size} ranks: use a batch size of at "
+                             f"least the world size")
+        rows = torch.tensor_split(torch.arange(n, device=x.device), w.size)[w.rank]
+        if self.cfg.mixup_kind == "videomix":
+            x_mix, lam = ops.videomix_batch(x, perm, float(lam), self._gen, channels_last=self.channels_last)
+        else:
+            x_mix = ops.mixup_batch(x, perm, lam, channels_last=self.channels_last)
+        use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
+        use_trig = bool(self.triggers) and self.trigger_weight > 0
+        if (use_adv or use_trig) and self.channels_last:
+            x = layout.like_model(x, True)
+        self._grad.zero_()
+        terms: Dict[str, torch.Tensor] = {}
+        weights = {"adv_loss": self.cfg.adv_weight, "trigger_loss": self.trigger_weight}
+        with distributed.synced(self.model, w):  # updates the BN running statistics, as in one process
+            out = self._forward(x_mix[rows])
+        terms["loss"] = (lam * F.cross_entropy(out, y[rows], reduction="sum")
+                         + (1 - lam) * F.cross_entropy(out, y[perm][rows], reduction="sum")) / n
+        total = terms["loss"]
+        with kept(self._bn_buffers) if (use_adv or use_trig) else contextlib.nullcontext():
+            # whole-batch parts outside the synced block: BN sees the whole batch, as in one process
+            x_adv = self.adversarial(x, y) if use_adv else None
+            xt = yt = None
+            if use_trig:
+                trig = self.triggers[self.steps_done % len(self.triggers)]
+                keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
+                if bool(keep.any()):
+                    if self.cfg.trigger_online and isinstance(trig, Perturbation):
+                        trig.ascend(self._forward, x[keep])
+                    xt, yt = trig.apply(x[keep]), y[keep]
+            with distributed.synced(self.model, w):
+                if x_adv is not None:
+                    terms["adv_loss"] = F.cross_entropy(self._forward(x_adv[rows]), y[rows], reduction="sum") / n
+                    total = total + weights["adv_loss"] * terms["adv_loss"]
+                if xt is not None:
+                    kr = torch.tensor_split(torch.arange(xt.shape[0], device=x.device), w.size)[w.rank]
+                    terms["trigger_loss"] = F.cross_entropy(self._forward(xt[kr]), yt[kr], reduction="sum") / xt.shape[0]
+                    total = total + weights["trigger_loss"] * terms["trigger_loss"]
+            total.backward()
+        names = ("loss", "adv_loss", "trigger_loss")
+        tail = self._comm[self._grad.numel():]
+        tail.copy_(torch.stack([terms[k].detach().to(tail.dtype) if k in terms else tail.new_zeros(()) for k in names]))
+        distributed.all_reduce_sum(self._comm, w)  # the one collective of the step (besides BatchNorm's)
+        reg = self.regularizer()
+        reg_scale = self._reg_scale
+        ops.mask_update_(self._mask, self._grad, self._buf, self._floor, self.lr, self.cfg.momentum, reg_scale)
+        self.steps_done += 1
+        vals = dict(zip(names, tail.tolist()))
+        loss_v = self._finite(vals["loss"])
+        info = {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
+        for k in terms:
+            if k != "loss":
+                info[k] = vals[k]
+                info["total"] += weights[k] * vals[k]
+        return info
 
     @property
     def _reg_scale(self) -> float:
@@ -369,6 +444,7 @@ def purify(
     progress: bool = True,
     num_workers: int = 0,
     checkpoint=None,
+    group=None,
 ) -> PurifyResult:
     """Purify ``model`` with NFT on ``clean_data`` (a Dataset, sampled with replacement as
     in the reference, or a DataLoader, used as given and restarted when exhausted).
@@ -386,6 +462,14 @@ def purify(
     ``checkpoint.load()`` returns a saved state, purification continues from it with the same
     result, bit for bit, as a run that was never stopped (a Dataset as clean data; the state's
     config must be ``cfg``, else :class:`nft_fast.resume.StateError`).
+
+    Distributed: when a ``torch.distributed`` process group (``group``, else the default one) of
+    more than one rank is initialised, every rank calls ``purify`` with the same arguments; each
+    draws the same global batches of ``cfg.batch_size`` and computes its shard of them, BatchNorm
+    uses the global batch's statistics and the mask gradients are all-reduced once per step, so
+    every rank ends with the masks and statistics one process would compute
+    (:mod:`nft_fast.distributed`). Scans run on every rank alike. A DataLoader as ``clean_data``
+    must yield the same (global) batches on every rank. Only rank 0 saves ``checkpoint`` states.
 
     Every argument is checked before the model is copied or changed: ``cfg`` (again: a field
     changed after creation), the model (not on the meta device), the clean data ((x, y)
@@ -422,7 +506,13 @@ def purify(
     if num_classes is None:
         num_classes = model_classes
     n_c = samples_per_class if samples_per_class is not None else n_data / num_classes
-    purifier = Purifier(model, cfg, samples_per_class=n_c, num_classes=model_classes)
+    purifier = Purifier(model, cfg, samples_per_class=n_c, num_classes=model_classes, group=group)
+    if purifier.world is not None and not isinstance(clean_data, DataLoader):
+        if cfg.batch_size < purifier.world.size:
+            raise ValueError(f"purify: batch_size {cfg.batch_size} is smaller than the world size "
+                             f"({purifier.world.size}): every rank needs a share of each batch")
+    if purifier.world is not None and purifier.world.rank != 0:
+        checkpoint = _ReadOnly(checkpoint) if checkpoint is not None else None
     gen = torch.Generator().manual_seed(cfg.seed)
     history: List[Dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -473,6 +563,19 @@ def purify(
     for n, p in model.named_parameters():  # masks purify attached stay trainable
         p.requires_grad_(requires_grad.get(n, True))
     return PurifyResult(model, history, time.perf_counter() - t_start, n_c)
+
+
+class _ReadOnly:
+    """A checkpoint other ranks load from but never save to (rank 0 writes)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def load(self):
+        return self.inner.load()
+
+    def save(self, state) -> None:
+        pass
 
 
 def find_triggers(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: NFTConfig):

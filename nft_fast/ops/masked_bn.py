@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _build
+from .. import distributed as _dist
 from . import _device_ok, register, resolve
 
 
@@ -337,6 +338,11 @@ register("masked_bn", "cuda", masked_batch_norm_cuda)
 def masked_batch_norm(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,
                       residual=None, relu=False):
     """Dispatching entry point (see :func:`masked_batch_norm_torch` for the semantics);
-    ``residual``/``relu`` fuse ``relu(bn(x) + residual)``."""
+    ``residual``/``relu`` fuse ``relu(bn(x) + residual)``. Inside
+    :func:`nft_fast.distributed.synced`, training uses the global batch's statistics."""
+    if training:
+        w = _dist.active_world()
+        if w is not None:
+            return _dist.sync_batch_norm(x, running_mean, running_var, weight, bias, mask, momentum, eps, residual, relu, w)
     return resolve("masked_bn", x.device)(x, running_mean, running_var, weight, bias, mask, training, momentum, eps,
                                           residual, relu)
