@@ -7,6 +7,7 @@
 """
 from ._build import build_info
 from .config import NFTConfig
+from .errors import BackendUnavailable, CheckpointError, DataError, FolderError, NFTError, StateError
 from .evaluation import evaluate
 from .masks import MaskSite, attach_masks, fold_masks, mask_parameters, mask_sites
 from .ops import get_backend, set_backend, use_backend
@@ -19,5 +20,6 @@ __all__ = [
     "NFTConfig", "attach_masks", "mask_parameters", "mask_sites", "MaskSite", "fold_masks",
     "Purifier", "PurifyResult", "purify", "evaluate", "set_backend", "get_backend", "use_backend",
     "build_info", "reference",
+    "NFTError", "DataError", "CheckpointError", "StateError", "FolderError", "BackendUnavailable",
 ]
 

@@ -8,6 +8,10 @@ from typing import Optional
 
 from . import _checks
 
+__all__ = [
+    "NFTConfig", "PRESETS", "MAX_STEPS", "AUTO_SCAN_CLASSES",
+]
+
 _PRECISIONS = ("fp32", "bf16")
 #: Upper limit of every step count (steps, adv_steps, trigger_steps, inversion_steps): the
 #: reference takes 1000 steps; a million is days of CPU time, more is a typo.

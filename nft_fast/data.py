@@ -13,15 +13,17 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import _checks
+from .errors import DataError
+
+__all__ = [
+    "DataError", "ArrayDataset", "load_arrays", "image_folder", "check_inputs", "check_labels",
+    "check_clean_set", "per_class", "MAX_ABS_INPUT",
+]
 
 #: Largest |x| accepted in a data set. Images are about [0, 1] (or a few units when
 #: normalized); values far beyond overflow float32 BatchNorm statistics (x**2 past 3.4e38)
 #: and give NaN running statistics instead of a purified model.
 MAX_ABS_INPUT = 1e6
-
-
-class DataError(ValueError):
-    """Data that cannot be used for purification (empty, non-finite, missing classes...)."""
 
 
 class ArrayDataset(Dataset):

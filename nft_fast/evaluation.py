@@ -8,6 +8,10 @@ import torch.nn as nn
 
 from ._loop import model_device
 
+__all__ = [
+    "evaluate", "adversarial_signal", "pgd_linf", "Target",
+]
+
 Target = Union[int, str, Callable[[torch.Tensor], torch.Tensor], None]
 
 
@@ -73,7 +77,8 @@ def evaluate(
 
 
 def pgd_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, eps: float,
-             steps: int, gen: torch.Generator, lo, hi) -> torch.Tensor:
+             steps: int, gen: torch.Generator, lo: Union[float, torch.Tensor],
+             hi: Union[float, torch.Tensor]) -> torch.Tensor:
     """Untargeted L-inf PGD: a uniform random start in the ``eps`` ball (drawn on CPU from
     ``gen``), then ``steps`` signed ascent steps of ``2.5 * eps / steps`` on ``CE(forward(x + d), y)``;
     inputs are clamped to ``[lo, hi]``. Returns the detached adversarial batch (``x``'s layout)."""

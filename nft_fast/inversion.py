@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._loop import fork_rng, frozen, model_device
+from .config import NFTConfig
 
 __all__ = [
     "split_classifier", "features", "feature_mask", "Generator", "FeatureTrigger", "invert", "refresh",
@@ -336,7 +337,7 @@ def flip_summary(model: nn.Module, x: torch.Tensor, trig: FeatureTrigger, chunk:
             "inversion_distance": dist / n}
 
 
-def config_kwargs(cfg, refresh: bool = False) -> Dict[str, float]:
+def config_kwargs(cfg: NFTConfig, refresh: bool = False) -> Dict[str, float]:
     """The keywords :func:`invert` (or, with ``refresh``, :func:`refresh`: a third of the
     steps, no ``eps`` -- the bound lives in the generator) gets from an ``NFTConfig``."""
     kw = {"steps": cfg.inversion_steps, "eps": cfg.inversion_eps, "mask_norm": cfg.inversion_mask_norm,

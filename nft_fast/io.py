@@ -13,19 +13,21 @@ import re
 import struct
 import tempfile
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import _checks
+from .errors import CheckpointError
 from .outdir import file_mode
 
+__all__ = [
+    "CheckpointError", "load_state_dict", "save_state_dict", "load_into", "check_finite",
+    "safetensors_header", "declared_bytes", "write_text", "write_json", "PathLike",
+]
+
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be (safely) loaded, or does not fit the architecture."""
 
 
 # bytes per element of every safetensors dtype
@@ -213,5 +215,5 @@ def write_text(path: PathLike, text: str) -> None:
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
-def write_json(path: PathLike, obj) -> None:
+def write_json(path: PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, default=float) + "\n")

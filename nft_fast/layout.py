@@ -31,6 +31,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+__all__ = [
+    "memory_format", "has_convs", "wants_channels_last", "to_channels_last", "like_model", "onednn_avx2_bug",
+    "affected_conv", "guard_convs",
+]
+
 _CONV = (nn.Conv2d, nn.Conv3d)
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above which the AVX2 kernel is not chosen.
 _AVX512_ISAS = ("AVX512", "AVX10", "ALL")

@@ -16,6 +16,11 @@ import torch
 from .layout import onednn_avx2_bug
 
 
+__all__ = [
+    "machine_info", "describe", "cpu_name", "native_bf16_cpu", "cpu_bf16_warning", "available_memory",
+]
+
+
 def _cpu_flag(name: str) -> bool:
     fn = getattr(torch.cpu, f"_is_{name}_supported", None)  # private helpers; absent in some versions
     try:

@@ -10,13 +10,19 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 
 from . import ops
 from ._bn import bn_forward_args
+
+__all__ = [
+    "attach_masks", "mask_sites", "mask_parameters", "fold_masks", "unfreeze", "MaskSite", "masked_class",
+    "MASK_NAME", "MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MaskedLayerNorm",
+    "MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
+]
 
 MASK_NAME = "neuron_mask"
 
@@ -84,7 +90,9 @@ def masked_class(cls: Type[nn.Module]) -> Type[nn.Module]:
         mixin = next((m for types, m in _MIXINS if issubclass(cls, types)), None)
         if mixin is None:
             raise TypeError(f"cannot mask modules of type {cls.__name__}")
-        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (mixin, cls), {"_nft_base": cls, "__module__": __name__})
+        doc = f"``{cls.__qualname__}`` with a soft per-neuron ``{MASK_NAME}`` (see :func:`attach_masks`)."
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (mixin, cls),
+                                    {"_nft_base": cls, "__module__": __name__, "__doc__": doc})
     return _MASKED_CLASSES[cls]
 
 
@@ -206,7 +214,7 @@ def attach_masks(
     norms: bool = True,
     neurons: bool = False,
     mask_head: bool = False,
-    example_input=None,
+    example_input: Optional[Union[torch.Tensor, Tuple[torch.Tensor, ...]]] = None,
     freeze: bool = True,
 ) -> List[MaskSite]:
     """Attach a ``neuron_mask`` of ones to every eligible module of ``model``, in place.

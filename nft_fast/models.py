@@ -24,6 +24,14 @@ import torch.nn.functional as F
 from . import _checks
 from ._bn import norm_act
 
+__all__ = [
+    "build", "ARCHS", "input_dims", "state_bytes", "default_exclude", "infer_kwargs", "resnet18",
+    "resnet18_imagenet", "resnet50", "resnet50_imagenet", "preactresnet18", "preactresnet18_backdoorbench",
+    "ResNet", "BasicBlock", "Bottleneck", "PreActBlock", "VGG", "VGG16_CFG", "MobileNetV2",
+    "InvertedResidual", "R3D", "BasicBlock3d", "ViT", "ViTBlock", "Attention", "vit_patch_size", "vit_dim",
+    "MLP", "NormLayer",
+]
+
 NormLayer = Callable[[int], nn.Module]
 
 

@@ -27,6 +27,13 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
+from .errors import Busy
+
+__all__ = [
+    "FolderLock", "OutputSet", "Interrupted", "Busy", "deferred_interrupt", "file_mode", "fsync_dir",
+    "LOCK_NAME", "STAGING_PREFIX",
+]
+
 PathLike = Union[str, os.PathLike]
 LOCK_NAME = ".nft-fast.lock"
 STAGING_PREFIX = ".staging-"
@@ -38,10 +45,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, note: str = "") -> None:
         super().__init__(note)
         self.note = note
-
-
-class Busy(ValueError):
-    """Another live process holds the folder's lock."""
 
 
 def file_mode() -> int:

@@ -29,8 +29,13 @@ from .config import NFTConfig
 from .data import check_inputs
 from .machine import cpu_bf16_warning
 from .evaluation import pgd_linf
-from .trigger import Perturbation, Trigger, scan, search, synthesize, universal
+from .trigger import Perturbation, ScanResult, Trigger, scan, search, synthesize, universal
 from .masks import MASK_NAME, attach_masks, fold_masks, mask_parameters, mask_sites
+
+
+__all__ = [
+    "Purifier", "PurifyResult", "purify", "recalibrate_bn", "find_triggers", "gather",
+]
 
 
 class Purifier:
@@ -375,7 +380,7 @@ class PurifyResult:
         return {s.name: s.mask.detach().clone() for s in mask_sites(self.model)}
 
 
-def gather(data, limit: int = 8192) -> tuple:
+def gather(data: Union[Dataset, DataLoader], limit: int = 8192) -> tuple:
     """Up to ``limit`` samples of a clean Dataset / DataLoader as ``(x, y)`` tensors (for scans)."""
     xs, ys, n = [], [], 0
     if isinstance(data, DataLoader):
@@ -578,7 +583,7 @@ class _ReadOnly:
         pass
 
 
-def find_triggers(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: NFTConfig):
+def find_triggers(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: NFTConfig) -> ScanResult:
     """The patch-trigger search ``cfg`` asks for (:meth:`NFTConfig.search_mode`): the per-class
     scan or the class-agnostic search; a :class:`nft_fast.trigger.ScanResult` either way."""
     n = int(ys.unique().numel())

@@ -22,15 +22,25 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from . import inversion
+from .config import NFTConfig
+from .errors import FolderError, StateError
 from .io import _atomic_write, safetensors_header
 from .outdir import deferred_interrupt, fsync_dir
 from .trigger import Perturbation, Trigger
+
+if TYPE_CHECKING:  # purifier imports this module
+    from .purifier import Purifier
+
+__all__ = [
+    "RoundState", "StateFolder", "RunFolder", "StateError", "FolderError", "capture", "check_config",
+    "restore", "restore_inner_rng", "capture_training", "restore_training", "digest", "FORMAT", "RESUME_DIR",
+]
 
 FORMAT = 1
 PathLike = Union[str, os.PathLike]
@@ -43,10 +53,6 @@ class RoundState:
     round: int
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     meta: Dict[str, Any] = field(default_factory=dict)
-
-
-class StateError(ValueError):
-    """A saved state that does not belong to this run (another config, model or clean set)."""
 
 
 # --- what is saved ------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def _trigger_from(i: int, meta: dict, tensors: Dict[str, torch.Tensor], device: 
     raise StateError(f"unknown trigger type {kind!r} in a saved state")
 
 
-def capture(purifier, batches_gen: torch.Generator, rounds_done: int, history: List[dict], scan: dict,
+def capture(purifier: Purifier, batches_gen: torch.Generator, rounds_done: int, history: List[dict], scan: dict,
             seconds: float, outer_rng: torch.Tensor, inner: bool) -> RoundState:
     """The state of ``purify`` after ``rounds_done`` rounds. ``inner``: inside its fork of the
     global RNG (after round 1 and later), whose state is then saved too."""
@@ -123,7 +129,7 @@ def capture(purifier, batches_gen: torch.Generator, rounds_done: int, history: L
                       json.loads(json.dumps(meta, default=float)))
 
 
-def check_config(state: RoundState, cfg) -> None:
+def check_config(state: RoundState, cfg: NFTConfig) -> None:
     """:class:`StateError` naming the fields where ``state`` was saved with another config."""
     saved, now = state.meta.get("config", {}), json.loads(json.dumps(cfg.to_dict(), default=float))
     diff = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -131,7 +137,7 @@ def check_config(state: RoundState, cfg) -> None:
         raise StateError(f"the saved state was made with another config ({'; '.join(diff[:6])})")
 
 
-def restore(purifier, state: RoundState, batches_gen: torch.Generator) -> dict:
+def restore(purifier: Purifier, state: RoundState, batches_gen: torch.Generator) -> dict:
     """Put ``purifier`` (its model, masks, momentum, generators, triggers) and the sampler's
     generator back into ``state``; sets torch's global RNG to its state outside purify's fork.
     Returns the scan summary."""
@@ -251,8 +257,8 @@ class StateFolder:
 
 # --- training at epoch boundaries -------------------------------------------------------------
 
-def capture_training(epochs_done: int, epochs: int, model: nn.Module, opt: torch.optim.Optimizer, sched,
-                     gen: torch.Generator, seconds: float) -> RoundState:
+def capture_training(epochs_done: int, epochs: int, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, seconds: float) -> RoundState:
     """A classifier's training state after ``epochs_done`` epochs (inside its fork of the global
     RNG): weights and buffers, the optimizer's and scheduler's state, the loader's generator."""
     tensors = {"model." + k: v for k, v in model.state_dict().items()}
@@ -272,8 +278,8 @@ def capture_training(epochs_done: int, epochs: int, model: nn.Module, opt: torch
                       json.loads(json.dumps(meta, default=float)))
 
 
-def restore_training(state: RoundState, model: nn.Module, opt: torch.optim.Optimizer, sched,
-                     gen: torch.Generator) -> int:
+def restore_training(state: RoundState, model: nn.Module, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator) -> int:
     """Put a :func:`capture_training` state back (inside the training's RNG fork); returns the
     epochs done."""
     t, meta = state.tensors, state.meta
@@ -300,12 +306,6 @@ def restore_training(state: RoundState, model: nn.Module, opt: torch.optim.Optim
 # --- a command's output folder ---------------------------------------------------------------
 
 RESUME_DIR = ".resume"
-
-
-class FolderError(ValueError):
-    """What an output folder does not allow: another run's outputs without ``overwrite``, an
-    interrupted run's state without ``resume``, a state of other inputs (the command line
-    prints it in one line, exit code 2)."""
 
 
 def _rounds_where(meta: dict) -> str:

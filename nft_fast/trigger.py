@@ -16,7 +16,7 @@ over channels) and a pattern ``p`` in the data's value range.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -207,7 +207,7 @@ class Perturbation:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.delta.to(x.device, x.dtype)).clamp(*self.value_range)
 
-    def ascend(self, forward, x: torch.Tensor, lr: float = 0.125) -> None:
+    def ascend(self, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, lr: float = 0.125) -> None:
         """One normalised-gradient step of ``delta`` (length ``lr * radius``) towards ``target`` on
         the batch ``x`` through ``forward`` (the model as it is now, e.g. masked during
         purification), projected back on the L2 ball; the gradient reaches ``delta`` only."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .. import _checks, models
 from ..config import NFTConfig
 from ..data import ArrayDataset, DataError, check_clean_set, check_inputs, check_labels, image_folder, load_arrays, per_class
+from ..errors import NFTError
 from ..evaluation import evaluate
 from ..io import CheckpointError, check_finite, load_into, load_state_dict, save_state_dict
 from ..machine import machine_info
@@ -35,7 +36,7 @@ OUTPUTS = ("purified.safetensors", "masks.safetensors") + REPORT_FILES + PLOTS
 MARKER = "report.json"
 
 
-class UsageError(ValueError):
+class UsageError(NFTError, ValueError):
     """A problem with what the user asked for; the command line reports it in one line, exit code 2."""
 
 

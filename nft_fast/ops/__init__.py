@@ -13,13 +13,18 @@ from typing import Callable, Dict, Iterator
 import torch
 
 from .. import _build
+from ..errors import BackendUnavailable
+
+__all__ = [
+    "set_backend", "get_backend", "use_backend", "backend_available", "BackendUnavailable", "BACKENDS",
+    "register", "resolve", "resolved_backend", "implementations",
+    "masked_batch_norm", "masked_layer_norm", "masked_linear", "masked_conv", "mask_update_",
+    "mixup_batch", "videomix_batch", "mixup_cross_entropy", "channels_last_format",
+    "frozen_conv", "freeze_convs", "thaw_convs",
+]
 
 BACKENDS = ("torch", "cpp", "cuda", "triton")
 _CHOICES = BACKENDS + ("auto",)
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend was not built or cannot run on this machine."""
 
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}

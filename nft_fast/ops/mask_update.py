@@ -115,6 +115,7 @@ register("mask_update", "cuda", mask_update_cuda)
 register("mask_update", "triton", mask_update_triton)
 
 
-def mask_update_(mask, grad, buf, floor, lr, momentum, reg_scale) -> None:
+def mask_update_(mask: torch.Tensor, grad: torch.Tensor, buf: torch.Tensor, floor: torch.Tensor,
+                 lr: Union[float, Tensor], momentum: float, reg_scale: float) -> None:
     """Dispatching in-place update of ``mask`` and ``buf`` (all flat, same shape)."""
     resolve("mask_update", mask.device)(mask, grad, buf, floor, lr, momentum, reg_scale)

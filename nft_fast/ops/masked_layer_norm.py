@@ -23,7 +23,9 @@ def masked_layer_norm_torch(
 register("masked_ln", "torch", masked_layer_norm_torch)
 
 
-def masked_layer_norm(x, normalized_shape, weight, bias, mask, eps):
+def masked_layer_norm(x: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """Dispatching entry point: ``layer_norm(x, normalized_shape, weight * mask, bias, eps)``."""
     return resolve("masked_ln", x.device)(x, normalized_shape, weight, bias, mask, eps)
 
 

@@ -271,9 +271,13 @@ register("masked_linear", "triton", masked_linear_triton)
 register("masked_conv", "triton", masked_conv_triton)
 
 
-def masked_linear(x, weight, bias, mask):
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Dispatching entry point: ``mask * (x @ weight.T) + bias``, a mask per output neuron."""
     return resolve("masked_linear", x.device)(x, weight, bias, mask)
 
 
-def masked_conv(x, conv, bias, mask):
+def masked_conv(x: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], bias: Optional[torch.Tensor],
+                mask: torch.Tensor) -> torch.Tensor:
+    """Dispatching entry point: ``conv(x) * mask + bias`` per output channel; ``conv`` computes the
+    bias-free convolution with the frozen weight."""
     return resolve("masked_conv", x.device)(x, conv, bias, mask)
