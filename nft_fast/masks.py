@@ -21,14 +21,16 @@ from ._bn import bn_forward_args
 __all__ = [
     "attach_masks", "mask_sites", "mask_parameters", "fold_masks", "unfreeze", "MaskSite", "masked_class",
     "MASK_NAME", "MaskedBatchNorm1d", "MaskedBatchNorm2d", "MaskedBatchNorm3d", "MaskedLayerNorm",
-    "MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
+    "MaskedGroupNorm", "MaskedLinear", "MaskedConv1d", "MaskedConv2d", "MaskedConv3d",
 ]
 
 MASK_NAME = "neuron_mask"
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM_TYPES = _BN_TYPES + (nn.LayerNorm,)
+_NORM_TYPES = _BN_TYPES + (nn.LayerNorm, nn.GroupNorm)
+# torch's own forward of each norm type that a subclass may keep or override
+_BASE_FORWARD = {nn.LayerNorm: nn.LayerNorm.forward, nn.GroupNorm: nn.GroupNorm.forward}
 
 
 class _MaskedBatchNorm:
@@ -50,8 +52,44 @@ class _MaskedBatchNorm:
 
 
 class _MaskedLayerNorm:
+    """LayerNorm over the trailing ``normalized_shape``; a class with ``nft_channels_first = True``
+    (``nft_fast.models.LayerNorm2d``, torchvision's layout) normalises dim 1 instead."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "nft_channels_first", False):
+            y = ops.masked_layer_norm(input.movedim(1, -1), self.normalized_shape, self.weight, self.bias,
+                                      self.neuron_mask, self.eps)
+            return y.movedim(-1, 1)
         return ops.masked_layer_norm(input, self.normalized_shape, self.weight, self.bias, self.neuron_mask, self.eps)
+
+    def _fold(self) -> None:
+        self.weight.mul_(self.neuron_mask)
+
+
+class _MaskedGroupNorm:
+    """``y = (gamma * m) * x_hat + beta`` per channel after per-group statistics; torch only
+    (see :mod:`nft_fast.ops.masked_group_norm`)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ops.masked_group_norm(input, self.num_groups, self.weight, self.bias, self.neuron_mask, self.eps)
+
+    def _fold(self) -> None:
+        self.weight.mul_(self.neuron_mask)
+
+
+class _MaskedOwnForward:
+    """A LayerNorm/GroupNorm subclass with a forward of its own (e.g. torchvision's ``LayerNorm2d``,
+    which permutes NCHW to NHWC around ``F.layer_norm``): its own code runs with ``weight * m`` in
+    place of the weight, so any layout it handles is handled, and folding ``gamma' = gamma * m``
+    gives exactly the masked function. Runs on the torch backend (the class's own calls)."""
+
+    def forward(self, *args, **kwargs):
+        w = self._parameters["weight"]
+        self._parameters["weight"] = w * self.neuron_mask
+        try:
+            return self._nft_base.forward(self, *args, **kwargs)
+        finally:
+            self._parameters["weight"] = w
 
     def _fold(self) -> None:
         self.weight.mul_(self.neuron_mask)
@@ -78,6 +116,7 @@ class _MaskedConv:
 _MIXINS: Tuple[Tuple[tuple, type], ...] = (
     (_BN_TYPES, _MaskedBatchNorm),
     ((nn.LayerNorm,), _MaskedLayerNorm),
+    ((nn.GroupNorm,), _MaskedGroupNorm),
     ((nn.Linear,), _MaskedLinear),
     (_CONV_TYPES, _MaskedConv),
 )
@@ -88,6 +127,9 @@ def masked_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     """The masked subclass of ``cls`` (created once per class; user subclasses keep their code)."""
     if cls not in _MASKED_CLASSES:
         mixin = next((m for types, m in _MIXINS if issubclass(cls, types)), None)
+        base = next((b for b in _BASE_FORWARD if issubclass(cls, b)), None)
+        if base is not None and cls.forward is not _BASE_FORWARD[base] and not getattr(cls, "nft_channels_first", False):
+            mixin = _MaskedOwnForward
         if mixin is None:
             raise TypeError(f"cannot mask modules of type {cls.__name__}")
         doc = f"``{cls.__qualname__}`` with a soft per-neuron ``{MASK_NAME}`` (see :func:`attach_masks`)."
@@ -100,6 +142,7 @@ MaskedBatchNorm1d = masked_class(nn.BatchNorm1d)
 MaskedBatchNorm2d = masked_class(nn.BatchNorm2d)
 MaskedBatchNorm3d = masked_class(nn.BatchNorm3d)
 MaskedLayerNorm = masked_class(nn.LayerNorm)
+MaskedGroupNorm = masked_class(nn.GroupNorm)
 MaskedLinear = masked_class(nn.Linear)
 MaskedConv1d = masked_class(nn.Conv1d)
 MaskedConv2d = masked_class(nn.Conv2d)
@@ -112,7 +155,7 @@ class MaskSite:
 
     name: str
     module: nn.Module
-    kind: str  # "bn", "ln", "linear", "conv"
+    kind: str  # "bn", "ln", "gn", "linear", "conv"
     layer: int
     numel: int
 
@@ -126,6 +169,8 @@ def _kind(m: nn.Module) -> str:
         return "bn"
     if isinstance(m, nn.LayerNorm):
         return "ln"
+    if isinstance(m, nn.GroupNorm):
+        return "gn"
     if isinstance(m, nn.Linear):
         return "linear"
     if isinstance(m, _CONV_TYPES):
@@ -136,7 +181,7 @@ def _kind(m: nn.Module) -> str:
 def _mask_shape(m: nn.Module) -> torch.Size:
     if isinstance(m, (nn.Linear,) + _CONV_TYPES):
         return torch.Size([m.weight.shape[0]])
-    return m.weight.shape
+    return m.weight.shape  # norms: one mask per gamma entry (GroupNorm: per channel)
 
 
 def _norm_eligible(m: nn.Module) -> bool:
@@ -150,11 +195,21 @@ def _neuron_eligible(m: nn.Module) -> bool:
     return isinstance(m, _CONV_TYPES) and not getattr(m, "transposed", False)
 
 
+def _weight_used_directly(model: nn.Module) -> set:
+    """Names of Linear/Conv modules whose weight their parent reads itself, never calling their
+    forward: ``nn.MultiheadAttention``'s ``out_proj``. A neuron mask there would not act in the
+    forward, yet folding would apply it."""
+    return {f"{n}.{c}" if n else c for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+            for c, _ in m.named_children()}
+
+
 def _out_features(m: nn.Module) -> int:
     return m.weight.shape[0]
 
 
 def _norm_features(m: nn.Module) -> int:
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
     return m.num_features if isinstance(m, _BN_TYPES) else m.normalized_shape[-1]
 
 
@@ -168,15 +223,23 @@ def _followed_by_norm_static(model: nn.Module) -> set:
     return out
 
 
-def _followed_by_norm_traced(model: nn.Module, example_input) -> set:
-    """Names of conv/linear modules whose output tensor is fed straight into a norm (one traced forward)."""
+def _followed_by_norm_traced(model: nn.Module, example_input) -> Tuple[set, set]:
+    """One traced forward: the names of conv/linear modules whose output tensor is fed straight
+    into a norm, and the names of those whose forward ran at all (a module whose weight its
+    parent reads directly, as torchvision's Swin attention does with ``qkv``/``proj``, never runs)."""
     # id -> (name, tensor): holding the tensor keeps its id from being reused by a later one.
     produced: Dict[int, tuple] = {}
     fed = set()
+    called = set()
     handles = []
+
+    def post(mod, inp, out, n):
+        called.add(n)
+        produced[id(out)] = (n, out)
+
     for n, m in model.named_modules():
         if _neuron_eligible(m):
-            handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: produced.__setitem__(id(out), (n, out))))
+            handles.append(m.register_forward_hook(lambda mod, inp, out, n=n: post(mod, inp, out, n)))
         elif isinstance(m, _NORM_TYPES):
             def pre(mod, inp):
                 hit = produced.get(id(inp[0])) if inp else None
@@ -192,7 +255,7 @@ def _followed_by_norm_traced(model: nn.Module, example_input) -> set:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return fed
+    return fed, called
 
 
 def _last_neuron_module(model: nn.Module) -> Optional[str]:
@@ -222,10 +285,12 @@ def attach_masks(
     Args:
         exclude: full names from ``named_modules()`` (``"bn1"`` is the stem only, not
             ``layer1.0.bn1``); glob patterns (``"layer4.*"``) are accepted too.
-        norms: mask affine BatchNorm1d/2d/3d and LayerNorm (mask on gamma only).
+        norms: mask affine BatchNorm1d/2d/3d, LayerNorm and GroupNorm (mask on gamma only).
         neurons: also mask Linear/Conv1d/2d/3d outputs that are not fed straight into a
             norm (a norm would normalise the mask away). With ``example_input`` this is
-            decided by tracing one forward; otherwise by the next module in registration order.
+            decided by tracing one forward, and modules whose forward never runs (their parent
+            reads the weight itself) are left unmasked; otherwise by the next module in
+            registration order. The children of ``nn.MultiheadAttention`` are never masked.
         mask_head: with ``neurons``, also mask the model's last Linear/Conv (the classifier).
         freeze: set ``requires_grad=False`` on every non-mask parameter.
 
@@ -243,7 +308,13 @@ def attach_masks(
             raise ValueError(f"attach_masks: exclude names a module that does not exist: {p!r}")
     to_mask = []
     if neurons:
-        fed = _followed_by_norm_traced(model, example_input) if example_input is not None else _followed_by_norm_static(model)
+        skip = _weight_used_directly(model)
+        if example_input is not None:
+            fed, called = _followed_by_norm_traced(model, example_input)
+            skip |= {n for n, m in names.items() if _neuron_eligible(m) and n not in called}
+        else:
+            fed = _followed_by_norm_static(model)
+        fed = fed | skip
         head = None if mask_head else _last_neuron_module(model)
     for n, m in model.named_modules():
         if _matches(n, exclude) or hasattr(m, MASK_NAME) and isinstance(getattr(m, MASK_NAME), nn.Parameter):

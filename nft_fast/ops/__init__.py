@@ -18,7 +18,7 @@ from ..errors import BackendUnavailable
 __all__ = [
     "set_backend", "get_backend", "use_backend", "backend_available", "BackendUnavailable", "BACKENDS",
     "register", "resolve", "resolved_backend", "implementations",
-    "masked_batch_norm", "masked_layer_norm", "masked_linear", "masked_conv", "mask_update_",
+    "masked_batch_norm", "masked_layer_norm", "masked_group_norm", "masked_linear", "masked_conv", "mask_update_",
     "mixup_batch", "videomix_batch", "mixup_cross_entropy", "channels_last_format",
     "frozen_conv", "freeze_convs", "thaw_convs",
 ]
@@ -138,9 +138,10 @@ def implementations() -> Dict[str, tuple]:
 
 
 # Importing the op modules registers their implementations.
-from . import mask_update, masked_bn, masked_layer_norm, masked_neuron, mixup  # noqa: E402,F401
+from . import mask_update, masked_bn, masked_group_norm, masked_layer_norm, masked_neuron, mixup  # noqa: E402,F401
 from .mask_update import mask_update_  # noqa: E402,F401
 from .masked_bn import masked_batch_norm  # noqa: E402,F401
+from .masked_group_norm import masked_group_norm  # noqa: E402,F401,F811  (the op shadows its module)
 from .masked_layer_norm import masked_layer_norm  # noqa: E402,F401,F811  (the op shadows its module, as before)
 from .masked_neuron import masked_conv, masked_linear  # noqa: E402,F401
 from .mixup import channels_last_format, mixup_batch, mixup_cross_entropy, videomix_batch  # noqa: E402,F401
