@@ -18,6 +18,7 @@ MODULES = [
     "nft_fast", "nft_fast.config", "nft_fast.masks", "nft_fast.purifier", "nft_fast.evaluation", "nft_fast.errors",
     "nft_fast.data", "nft_fast.io", "nft_fast.trigger", "nft_fast.inversion", "nft_fast.resume", "nft_fast.models",
     "nft_fast.ops", "nft_fast.reference", "nft_fast.machine", "nft_fast.layout", "nft_fast.outdir",
+    "nft_fast.distributed",
 ]
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["World", "world", "sync_batch_norm", "synced", "all_reduce_sum", "is_writer"]
+__all__ = ["World", "world", "is_writer", "synced", "active_world", "sync_batch_norm", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
