@@ -380,22 +380,81 @@ class PurifyResult:
         return {s.name: s.mask.detach().clone() for s in mask_sites(self.model)}
 
 
-def gather(data: Union[Dataset, DataLoader], limit: int = 8192) -> tuple:
-    """Up to ``limit`` samples of a clean Dataset / DataLoader as ``(x, y)`` tensors (for scans)."""
-    xs, ys, n = [], [], 0
-    if isinstance(data, DataLoader):
+def gather(data: Union[Dataset, DataLoader], limit: int = 8192, *, seed: int = 0, max_bytes: Optional[int] = 1 << 30,
+           num_workers: int = 0) -> tuple:
+    """A bounded sample of a clean Dataset / DataLoader as ``(x, y)`` tensors: what the trigger
+    scans, the feature-trigger inversion and BatchNorm recalibration work on.
+
+    The bound: at most ``limit`` samples and, unless ``max_bytes`` is None, no more than fit in
+    ``max_bytes`` as float32 inputs (1 GiB: 8,192 samples up to about 3x114x114, 1,782 at
+    3x224x224), so the sample's memory does not grow with the clean set.
+
+    A map-style Dataset within the bound is taken whole, in index order. A larger one gives a
+    seeded, class-stratified random subset: the per-class quotas are as even as the classes
+    allow (each class gets ``min(its size, q)`` for the largest ``q`` that fits; what remains
+    goes one each to classes drawn at random), the items of each class are drawn at random,
+    and the subset is read in index order. Every draw comes from a generator seeded with
+    ``seed``, never the global RNG, so a given dataset and seed always give the same subset (a
+    resumed purification sees the one the interrupted run saw). The labels are read without
+    reading inputs: ``targets`` (folder datasets, torchvision's), a TensorDataset's or
+    ArrayDataset's labels, a Subset's of its parent; a Dataset exposing none gets a uniform
+    random subset. Only the chosen items are read, through a DataLoader with ``num_workers``
+    worker processes when above 0.
+
+    A DataLoader, or an iterable dataset, is used as given: its first samples up to the bound,
+    in the order it yields them (shuffle it, or pass its Dataset, for a random subset)."""
+    from torch.utils.data import IterableDataset, Subset
+
+    from .data import dataset_labels, stratified_subset
+
+    _checks.positive_int("limit", limit, owner="gather")
+    if max_bytes is not None:
+        _checks.positive_int("max_bytes", max_bytes, owner="gather")
+    _checks.seed("seed", seed, owner="gather")
+
+    def bound(x: torch.Tensor) -> int:  # samples within limit and max_bytes, from one sample's size
+        per = 4 * max(1, x[0].numel() if x.dim() else 1)
+        return limit if max_bytes is None else max(1, min(limit, max_bytes // per))
+
+    if isinstance(data, (DataLoader, IterableDataset)):
+        loader = isinstance(data, DataLoader)
+        xs, ys, n, k = [], [], 0, limit
         for b in data:
-            xs.append(torch.as_tensor(b[0]))
-            ys.append(torch.as_tensor(b[1]).view(-1))
-            n += ys[-1].numel()
-            if n >= limit:
+            x, y = (torch.as_tensor(b[0]), torch.as_tensor(b[1]).view(-1)) if loader else \
+                (torch.as_tensor(b[0]).unsqueeze(0), torch.as_tensor(b[1]).view(1))
+            if not xs:
+                k = bound(x)
+            xs.append(x)
+            ys.append(y)
+            n += y.numel()
+            if n >= k:
                 break
+        return torch.cat(xs)[:k], torch.cat(ys)[:k].long()
+    n = len(data)
+    with torch.random.fork_rng(devices=[]):  # a random transform's draw here leaves the caller's stream alone
+        k = bound(torch.as_tensor(data[0][0]).unsqueeze(0))
+    if n <= k:
+        idx = torch.arange(n)
     else:
-        for i in range(min(len(data), limit)):
-            xi, yi = data[i]
-            xs.append(torch.as_tensor(xi).unsqueeze(0))
-            ys.append(torch.as_tensor(yi).view(1))
-    return torch.cat(xs)[:limit], torch.cat(ys)[:limit].long()
+        labels = dataset_labels(data)
+        idx = (torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values if labels is None
+               else stratified_subset(labels, k, seed))
+
+    def items():  # the chosen items, in order
+        if num_workers > 0:
+            for b in DataLoader(Subset(data, idx.tolist()), batch_size=64, num_workers=num_workers):
+                yield from zip(b[0], b[1])
+        else:
+            yield from (data[i] for i in idx.tolist())
+
+    x, y = None, torch.empty(idx.numel(), dtype=torch.long)
+    for j, (xi, yi) in enumerate(items()):
+        xi = torch.as_tensor(xi)
+        if x is None:
+            x = torch.empty((idx.numel(), *xi.shape), dtype=xi.dtype)
+        x[j] = xi
+        y[j] = torch.as_tensor(yi).view(())
+    return x, y
 
 
 @torch.no_grad()

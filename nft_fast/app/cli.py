@@ -46,7 +46,7 @@ def run_purify(args: argparse.Namespace, title: str = "NFT purification") -> dic
     return purify_to_folder(
         args.out, run=args.run, checkpoint=args.checkpoint, arch=args.arch, data=args.data, test_data=args.test_data,
         poison_data=args.poison_data, target=args.target, per_class_k=args.per_class, exclude=args.exclude,
-        neurons=args.neurons, augment=args.augment, data_dir=args.data_dir, config=_cfg_from(args),
+        neurons=args.neurons, augment=args.augment, workers=args.workers, data_dir=args.data_dir, config=_cfg_from(args),
         backend=args.backend, progress=not args.no_progress, title=title, resume=args.resume, overwrite=args.overwrite,
         backdoorbench=getattr(args, "backdoorbench", None), trust_pickle=getattr(args, "trust_pickle", False))
 
@@ -171,8 +171,9 @@ def _add_purify(sub) -> None:
     p.add_argument("--checkpoint", help="state dict: .safetensors, or a torch file (loaded weights_only); "
                                         "with --run, evaluated/purified instead of the run's own model")
     p.add_argument("--arch", help=f"architecture: {', '.join(sorted(models.ARCHS))}")
-    p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,), "
-                                  "or an image folder (one sub-folder per class)")
+    p.add_argument("--data", help="clean set: .npz/.safetensors with arrays x (N,C,H,W) and y (N,), or a folder with "
+                                  "one sub-folder per class of images, or of clips (a folder of frames or a "
+                                  ".pt/.npy/.safetensors file each); a folder is streamed, never loaded whole")
     p.add_argument("--out", required=True, help="output directory (created; outputs already in it are replaced "
                                                 "only with --overwrite; inputs are never overwritten)")
     p.add_argument("--test-data", help="clean test set (.npz/.safetensors with x, y) for ACC")
@@ -182,6 +183,8 @@ def _add_purify(sub) -> None:
     p.add_argument("--exclude", nargs="*", default=None, help="module names left unmasked (default: the arch's stem norm)")
     p.add_argument("--neurons", action="store_true", help="also mask Linear/Conv outputs not followed by a norm")
     p.add_argument("--augment", action="store_true", help="random crop (pad 4) + flip on the clean set, as the reference")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader worker processes reading a --data folder (default 0: read in the main process)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last round (same inputs and options; the "
                         "result is identical to an uninterrupted run)")

@@ -13,18 +13,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .. import _checks, models
 from ..config import NFTConfig
-from ..data import ArrayDataset, DataError, check_clean_set, check_inputs, check_labels, image_folder, load_arrays, per_class
+from ..data import (ArrayDataset, DataError, check_clean_labels, check_clean_set, check_inputs, check_labels, crop_flip,
+                    load_arrays, load_folder, open_folder, per_class)
 from ..errors import NFTError
 from ..evaluation import evaluate
 from ..io import CheckpointError, check_finite, load_into, load_state_dict, save_state_dict
 from ..machine import machine_info
 from ..masks import MaskSite, attach_masks, fold_masks, mask_sites
 from ..ops import get_backend, set_backend
-from ..purifier import PurifyResult, find_triggers, purify
+from ..purifier import PurifyResult, find_triggers, gather, purify
 from ..resume import RESUME_DIR, RunFolder, digest  # noqa: F401 (RESUME_DIR: re-exported)
 from ..trigger import backdoor_likely
 from .report import PLOTS, REPORT_FILES, write_report
@@ -51,6 +52,7 @@ class Inputs:
     y: torch.Tensor
     test: Optional[DataLoader]
     poison: Optional[DataLoader]
+    clean: Optional[Dataset] = None  # a clean folder, streamed: then x holds its first samples, y every label
     source: Optional[Dict[str, Any]] = None  # where the inputs came from, for the report
 
 
@@ -118,11 +120,21 @@ def _loader(*tensors, batch_size: int = 512) -> DataLoader:
 
 
 def _read_set(path: PathLike, grey: bool = False):
-    """``(x, y, y_target or None)`` from an .npz/.safetensors file or an ImageFolder directory."""
+    """``(x, y, y_target or None)`` from an .npz/.safetensors file or an image or video folder, read whole."""
     if Path(path).is_dir():
-        x, y, _ = image_folder(path, grey=grey)
+        x, y, _ = load_folder(path, grey=grey)
         return x, y, None
     return load_arrays(path)
+
+
+def _open_clean(path: PathLike, grey: bool = False) -> Optional[Dataset]:
+    """The streamed dataset of a clean image or video folder (:func:`nft_fast.data.open_folder`), None for a file."""
+    return open_folder(path, grey=grey) if Path(path).is_dir() else None
+
+
+def _head(ds: Dataset, n: int = 2) -> torch.Tensor:
+    """The first ``n`` inputs of a dataset as a batch (shapes and the architecture checks)."""
+    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 
 def _load_eval_set(path: PathLike, what: str, like: torch.Tensor, num_classes: int):
@@ -174,7 +186,8 @@ def inputs_from_files(checkpoint: Optional[PathLike], arch: Optional[str], data:
         raise UsageError(f"unknown --arch {arch!r}; known: {', '.join(sorted(models.ARCHS))}")
     state = load_state_dict(checkpoint)
     kw = models.infer_kwargs(arch, state)
-    x, y, _ = _read_set(data, grey=kw.get("in_channels") == 1)
+    clean = _open_clean(data, grey=kw.get("in_channels") == 1)  # a folder is streamed, never read whole
+    x, y = (_head(clean), clean.targets) if clean is not None else _read_set(data, grey=kw.get("in_channels") == 1)[:2]
     kw = dict(dict(num_classes=10, in_channels=x.shape[1], width=64, image_size=x.shape[-1]), **kw)
     if x.shape[1] != kw["in_channels"]:
         raise DataError(f"the clean set ({data}) has {x.shape[1]} channels but the checkpoint {checkpoint} expects "
@@ -198,7 +211,7 @@ def inputs_from_files(checkpoint: Optional[PathLike], arch: Optional[str], data:
             raise DataError(f"the poisoned test set ({poison_data}) has no sample whose label differs from its target "
                             f"({'its y_target' if given else f'--target {target}'}): ASR and RA would be undefined")
         poison = _loader(xp, yp, ytp)
-    return Inputs(model, arch, kw, x, y, test, poison)
+    return Inputs(model, arch, kw, x, y, test, poison, clean=clean)
 
 
 def inputs_from_run(run: PathLike, data_dir: Optional[PathLike] = None,
@@ -259,6 +272,7 @@ def purify_to_folder(
     exclude: Optional[Sequence[str]] = None,
     neurons: bool = False,
     augment: bool = False,
+    workers: int = 0,
     data_dir: Optional[PathLike] = None,
     config: Optional[NFTConfig] = None,
     backend: str = "auto",
@@ -278,6 +292,10 @@ def purify_to_folder(
     optional ``test_data`` / ``poison_data`` for ACC / ASR / RA). ``per_class_k`` keeps k clean
     samples per class (drawn with ``config.seed``); ``exclude`` names modules left unmasked
     (default: the architecture's stem norm). Checkpoints are loaded without executing code.
+    A ``data`` folder (image or video: :func:`nft_fast.data.folder_kind`) is streamed, read a
+    batch at a time through a DataLoader with ``workers`` worker processes, never whole (its
+    inputs are checked as they are read); with the same seed its masks equal those of the same
+    samples in a file (``augment`` draws differ with ``workers`` above 0).
 
     The output folder (:class:`nft_fast.resume.RunFolder`): one run at a time (a lock file;
     :class:`~nft_fast.outdir.Busy` otherwise), the state saved at every round boundary into
@@ -293,6 +311,8 @@ def purify_to_folder(
     test sets); ``trust_pickle`` unpickles its ``attack_result.pt`` in full (runs code from it).
     """
     cfg = _checks.config(config, "purify_to_folder")
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= 256:
+        raise UsageError(f"--workers must be an integer in 0..256, got {workers!r}")
     if per_class_k is not None:
         _checks.positive_int("per_class_k (--per-class)", per_class_k)
     out = Path(out)
@@ -311,12 +331,12 @@ def purify_to_folder(
     folder = out_folder(out, resume, overwrite, log)
     folder.check()
     bb = (backdoorbench, trust_pickle) if backdoorbench else None
-    return folder.run(lambda: _purify_to_folder(folder, run, checkpoint, arch, data, test_data, poison_data, target,
+    return folder.run(lambda: _purify_to_folder(folder, workers, run, checkpoint, arch, data, test_data, poison_data, target,
                                                 per_class_k, exclude, neurons, augment, data_dir, cfg, backend,
                                                 progress, title, bb))
 
 
-def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data, poison_data, target, per_class_k,
+def _purify_to_folder(folder: RunFolder, workers, run, checkpoint, arch, data, test_data, poison_data, target, per_class_k,
                       exclude, neurons, augment, data_dir, cfg: NFTConfig, backend, progress, title,
                       bb=None) -> Dict[str, Any]:
     if bb:
@@ -325,27 +345,35 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
         ins = (inputs_from_run(run, data_dir, checkpoint) if run
                else inputs_from_files(checkpoint, arch, data, test_data, poison_data, target))
     x, y, num_classes = ins.x, ins.y, ins.arch_kwargs["num_classes"]
-    check_clean_set(x, y, num_classes, what=f"clean set ({data or run})")
+    clean = ins.clean  # a folder: its inputs are checked as purify reads them
+    if clean is None:
+        check_clean_set(x, y, num_classes, what=f"clean set ({data or run})")
+    else:
+        check_clean_labels(y, num_classes, what=f"clean set ({data})")
+        settings_clean = {"clean folder": clean.digest()}
+        clean.transform = crop_flip if augment else None
     if per_class_k is not None:
         try:
             idx = per_class(y, per_class_k, cfg.seed)
         except DataError as e:
             raise DataError(f"--per-class {per_class_k}: {e} (clean set {data or run})") from None
-        x, y = x[idx], y[idx]
+        x, y, clean = (x[idx], y[idx], None) if clean is None else (x, y[idx], Subset(clean, idx.tolist()))
     exclude, sites = _attach(ins.model, ins.arch, exclude, neurons)
     if backend != "auto":
         set_backend(backend)
     test, poison = ins.test, ins.poison
     folder.fingerprint = fingerprint(ins.model, x, y, test, poison, cfg, {
         "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "neurons": neurons,
-        "augment": augment, "per_class": per_class_k, "target": target, "backend": get_backend()})
+        "augment": augment, "per_class": per_class_k, "target": target, "backend": get_backend(),
+        **(settings_clean if clean is not None else {})})
     before = evaluate(ins.model, test, poison) if (test or poison) else {}
     out = folder.out
     # the lock is taken once purify has checked its arguments (folder.load, its checkpoint)
     inputs = f"checkpoint {checkpoint or Path(run) / 'model.safetensors'} with the clean set {data or run}"
     try:
-        result = purify(ins.model, ArrayDataset(x, y, augment=augment), cfg, num_classes=num_classes, inplace=True,
-                        test_loader=test, poison_loader=poison, progress=progress, checkpoint=folder)
+        result = purify(ins.model, ArrayDataset(x, y, augment=augment) if clean is None else clean, cfg,
+                        num_classes=num_classes, inplace=True, test_loader=test, poison_loader=poison,
+                        progress=progress, checkpoint=folder, num_workers=workers)
     except FloatingPointError as e:  # e.g. weights so large that the loss overflows
         raise DataError(f"purifying the {inputs}: {e}") from None
     plain = fold_masks(result.model)
@@ -360,7 +388,7 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
                             "(weights or values so large that they overflow) and the learning rate") from None
     report = {
         "checkpoint": str(checkpoint or Path(run) / "model.safetensors"), "run": None if run is None else str(run),
-        "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "clean_samples": int(x.shape[0]),
+        "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "clean_samples": int(y.shape[0]),
         "samples_per_class": result.samples_per_class, "config": cfg.to_dict(),
         "mask_layers": len(sites), "mask_entries": sum(s.numel for s in sites),
         "before": before, "after": dict(after, seconds=result.seconds), "history": result.history,
@@ -369,6 +397,8 @@ def _purify_to_folder(folder: RunFolder, run, checkpoint, arch, data, test_data,
     }
     if ins.source:
         report.update(ins.source)
+    if clean is not None and any("scan" in h for h in result.history):  # the signal scans purify's bounded sample
+        x, y = gather(clean, num_workers=workers)
     signal = _signal(result, plain, x, y, cfg)
     if signal is not None:
         report["signal"] = signal
