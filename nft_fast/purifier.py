@@ -386,8 +386,8 @@ def gather(data: Union[Dataset, DataLoader], limit: int = 8192, *, seed: int = 0
     scans, the feature-trigger inversion and BatchNorm recalibration work on.
 
     The bound: at most ``limit`` samples and, unless ``max_bytes`` is None, no more than fit in
-    ``max_bytes`` as float32 inputs (1 GiB: 8,192 samples up to about 3x114x114, 1,782 at
-    3x224x224), so the sample's memory does not grow with the clean set.
+    ``max_bytes`` as float32 inputs (1 GiB: 8,192 samples up to 3x104x104, 7,133 at 3x112x112,
+    1,783 at 3x224x224), so the sample's memory does not grow with the clean set.
 
     A map-style Dataset within the bound is taken whole, in index order. A larger one gives a
     seeded, class-stratified random subset: the per-class quotas are as even as the classes
