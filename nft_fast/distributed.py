@@ -10,6 +10,7 @@ step, so every rank applies the same update and N ranks reproduce one process's 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["World", "world", "is_writer", "synced", "active_world", "sync_batch_norm", "all_reduce_sum"]
+__all__ = ["World", "world", "is_writer", "from_env", "synced", "active_world", "sync_batch_norm", "all_reduce_sum"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,25 @@ def is_writer(group=None) -> bool:
     """True on the rank that writes outputs: rank 0, or the only process."""
     w = world(group)
     return w is None or w.rank == 0
+
+
+@contextlib.contextmanager
+def from_env(backend: str = "gloo") -> Iterator[Optional[World]]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the default process group for
+    the block (initialised here unless it already is, and destroyed on exit if initialised
+    here); yields its :class:`World`, or None for a single process."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.isdigit() or int(size) < 2 or not dist.is_available():
+        yield world()
+        return
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group(backend)
+    try:
+        yield world()
+    finally:
+        if own and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(t: Tensor, w: World) -> Tensor:

@@ -67,3 +67,38 @@ def test_each_step_equals_one_process(tmp_path, over):
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["ranks_equal"]
     assert len(res["worst"]) == 10 and max(res["worst"]) < 1e-5, res["worst"]
+
+
+def test_cli_under_torchrun(tmp_path):
+    """`torchrun -m nft_fast purify`: rank 0 writes the outputs (the report names the world size),
+    the other rank nothing; the masks match one process's within the run's rounding drift."""
+    from safetensors.torch import load_file, save_file
+
+    from nft_fast import models
+
+    torch.manual_seed(0)
+    model = models.build("preactresnet18", num_classes=4, in_channels=1, width=4, image_size=12)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    x, y = torch.rand(48, 1, 12, 12), torch.arange(48) % 4
+    import numpy as np
+
+    np.savez(tmp_path / "clean.npz", x=x.numpy(), y=y.numpy())
+    args = ["--checkpoint", str(tmp_path / "model.safetensors"), "--arch", "preactresnet18",
+            "--data", str(tmp_path / "clean.npz"), "--steps", "6", "--rounds", "2", "--batch-size", "16", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "nft_fast", "purify", *args, "--out", str(tmp_path / "one")],
+                         env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r = torchrun("-m", "nft_fast", "purify", *args, "--out", str(tmp_path / "ddp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("purified model:") == 1  # rank 0 alone reports
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert json.loads((tmp_path / "one" / "report.json").read_text())["distributed"] == {"world_size": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.npz", "ddp", "model.safetensors", "one"]
+    a, b = load_file(str(tmp_path / "one" / "masks.safetensors")), load_file(str(tmp_path / "ddp" / "masks.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-3)
+    # refused before anything runs: --resume (a single-process state) under torchrun
+    r = torchrun("-m", "nft_fast", "purify", *args, "--out", str(tmp_path / "again"), "--resume")
+    assert r.returncode != 0 and "--resume" in r.stderr and not (tmp_path / "again").exists()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .. import models
+from .. import distributed, models
 from ..config import PRESETS, NFTConfig
 from ..evaluation import evaluate
 from ..machine import machine_info
@@ -52,7 +52,11 @@ def run_purify(args: argparse.Namespace, title: str = "NFT purification") -> dic
 
 
 def cmd_purify(args) -> int:
-    report = run_purify(args)
+    # under torchrun every rank purifies its share of each batch; rank 0 writes and prints
+    with distributed.from_env():
+        report = run_purify(args)
+    if "rank" in report:
+        return 0
     if report["before"]:
         print(metrics_table({"backdoored": report["before"], "NFT purified": report["after"]}))
     print(f"purified model: {report['outputs']['model']}  ({report['mask_layers']} masked layers, "
@@ -159,7 +163,9 @@ def _add_purify(sub) -> None:
     p = sub.add_parser("purify", help="purify a checkpoint with a small clean set",
                        description="Learn NFT masks on a clean set, fold them into the weights and write the purified model "
                                    "(purified.safetensors), the masks and a report (JSON, markdown, plots) into --out. "
-                                   "Checkpoints are loaded without executing code.")
+                                   "Checkpoints are loaded without executing code. Under `torchrun --nproc_per_node N "
+                                   "-m nft_fast purify ...` the N processes share each batch (gloo; the same result as "
+                                   "one process) and rank 0 writes the outputs.")
     p.add_argument("--run", help="a `train-backdoor` run folder: model, clean set and test sets come from it")
     p.add_argument("--backdoorbench", metavar="DIR",
                    help="a BackdoorBench attack folder (record/<name>/ with attack_result.pt): model, 5%% clean "

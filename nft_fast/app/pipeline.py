@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .. import _checks, models
+from .. import _checks, distributed, models
 from ..config import NFTConfig
 from ..data import (ArrayDataset, DataError, check_clean_labels, check_clean_set, check_inputs, check_labels, crop_flip,
                     load_arrays, load_folder, open_folder, per_class)
@@ -328,9 +328,17 @@ def purify_to_folder(
         from ..harness.runs import RUN_FILES
     run_files = [Path(run) / n for n in RUN_FILES] if run else []
     check_out_dir(out, [checkpoint, data, test_data, poison_data, *run_files])
+    bb = (backdoorbench, trust_pickle) if backdoorbench else None
+    world = distributed.world()
+    if world is not None:
+        if resume:
+            raise UsageError(f"--resume continues a single-process purification; run without it under torchrun "
+                             f"(world size {world.size})")
+        if world.rank != 0:  # computes its shard of every step; rank 0 alone writes
+            return _purify_to_folder(None, workers, run, checkpoint, arch, data, test_data, poison_data, target,
+                                     per_class_k, exclude, neurons, augment, data_dir, cfg, backend, False, title, bb)
     folder = out_folder(out, resume, overwrite, log)
     folder.check()
-    bb = (backdoorbench, trust_pickle) if backdoorbench else None
     return folder.run(lambda: _purify_to_folder(folder, workers, run, checkpoint, arch, data, test_data, poison_data, target,
                                                 per_class_k, exclude, neurons, augment, data_dir, cfg, backend,
                                                 progress, title, bb))
@@ -362,6 +370,11 @@ def _purify_to_folder(folder: RunFolder, workers, run, checkpoint, arch, data, t
     if backend != "auto":
         set_backend(backend)
     test, poison = ins.test, ins.poison
+    world = distributed.world()
+    clean_data = ArrayDataset(x, y, augment=augment) if clean is None else clean
+    if folder is None:  # another rank of a distributed purification: its share of the steps, no outputs
+        purify(ins.model, clean_data, cfg, num_classes=num_classes, inplace=True, progress=False, num_workers=workers)
+        return {"rank": world.rank, "world_size": world.size}
     folder.fingerprint = fingerprint(ins.model, x, y, test, poison, cfg, {
         "arch": ins.arch, "arch_kwargs": ins.arch_kwargs, "exclude": list(exclude), "neurons": neurons,
         "augment": augment, "per_class": per_class_k, "target": target, "backend": get_backend(),
@@ -371,7 +384,7 @@ def _purify_to_folder(folder: RunFolder, workers, run, checkpoint, arch, data, t
     # the lock is taken once purify has checked its arguments (folder.load, its checkpoint)
     inputs = f"checkpoint {checkpoint or Path(run) / 'model.safetensors'} with the clean set {data or run}"
     try:
-        result = purify(ins.model, ArrayDataset(x, y, augment=augment) if clean is None else clean, cfg,
+        result = purify(ins.model, clean_data, cfg,
                         num_classes=num_classes, inplace=True, test_loader=test, poison_loader=poison,
                         progress=progress, checkpoint=folder, num_workers=workers)
     except FloatingPointError as e:  # e.g. weights so large that the loss overflows
@@ -394,6 +407,7 @@ def _purify_to_folder(folder: RunFolder, workers, run, checkpoint, arch, data, t
         "before": before, "after": dict(after, seconds=result.seconds), "history": result.history,
         "outputs": {"model": str(out / "purified.safetensors"), "masks": str(out / "masks.safetensors")},
         "machine": machine_info(),
+        "distributed": {"world_size": 1} if world is None else {"world_size": world.size, "backend": world.backend},
     }
     if ins.source:
         report.update(ins.source)
