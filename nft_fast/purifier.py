@@ -583,7 +583,7 @@ def purify(
     saved = checkpoint.load() if checkpoint is not None else None
     xs = ys = None
     if cfg.trigger_weight > 0 or cfg.bn_recalibrate:  # both need the clean set as tensors
-        xs, ys = gather(clean_data)
+        xs, ys = gather(clean_data, seed=cfg.seed, num_workers=num_workers)
     if saved is not None:  # everything up to its round boundary, as it was
         trig_info = resume.restore(purifier, saved, gen)
         history = saved.meta["history"]
