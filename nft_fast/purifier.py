@@ -190,16 +190,10 @@ class Purifier:
                 if use_adv:
                     extra["adv_loss"] = F.cross_entropy(self._forward(self.adversarial(x, y)), y)
                     total = total + self.cfg.adv_weight * extra["adv_loss"]
-                if use_trig:
-                    trig = self.triggers[self.steps_done % len(self.triggers)]
-                    # a class-agnostic trigger (target None: nft_fast.inversion) keeps the whole batch
-                    keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
-                    if bool(keep.any()):
-                        if self.cfg.trigger_online and isinstance(trig, Perturbation):
-                            trig.ascend(self._forward, x[keep])
-                        xt = trig.apply(x[keep])
-                        extra["trigger_loss"] = F.cross_entropy(self._forward(xt), y[keep])
-                        total = total + self.trigger_weight * extra["trigger_loss"]
+                stamped = self._trigger_inputs(x, y) if use_trig else None
+                if stamped is not None:
+                    extra["trigger_loss"] = F.cross_entropy(self._forward(stamped[0]), stamped[1])
+                    total = total + self.trigger_weight * extra["trigger_loss"]
                 total.backward()
         else:
             loss.backward()
@@ -214,6 +208,18 @@ class Purifier:
             info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.trigger_weight) * info[k]
         return info
 
+
+    def _trigger_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[tuple]:
+        """This step's trigger (they take turns) on the batch's samples outside its target class,
+        after its online step when it has one: ``(x_triggered, y)``, or None when no sample is left."""
+        trig = self.triggers[self.steps_done % len(self.triggers)]
+        # a class-agnostic trigger (target None: nft_fast.inversion) keeps the whole batch
+        keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
+        if not bool(keep.any()):
+            return None
+        if self.cfg.trigger_online and isinstance(trig, Perturbation):
+            trig.ascend(self._forward, x[keep])
+        return trig.apply(x[keep]), y[keep]
 
     def _shard_step(self, x: torch.Tensor, y: torch.Tensor, lam, perm: torch.Tensor) -> Dict[str, float]:
         """:meth:`step` on this rank's contiguous shard of the global batch ``(x, y)`` (every rank
@@ -246,19 +252,13 @@ class Purifier:
         with kept(self._bn_buffers) if (use_adv or use_trig) else contextlib.nullcontext():
             # whole-batch parts outside the synced block: BN sees the whole batch, as in one process
             x_adv = self.adversarial(x, y) if use_adv else None
-            xt = yt = None
-            if use_trig:
-                trig = self.triggers[self.steps_done % len(self.triggers)]
-                keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
-                if bool(keep.any()):
-                    if self.cfg.trigger_online and isinstance(trig, Perturbation):
-                        trig.ascend(self._forward, x[keep])
-                    xt, yt = trig.apply(x[keep]), y[keep]
+            stamped = self._trigger_inputs(x, y) if use_trig else None
             with distributed.synced(self.model, w):
                 if x_adv is not None:
                     terms["adv_loss"] = F.cross_entropy(self._forward(x_adv[rows]), y[rows], reduction="sum") / n
                     total = total + weights["adv_loss"] * terms["adv_loss"]
-                if xt is not None:
+                if stamped is not None:
+                    xt, yt = stamped
                     kr = torch.tensor_split(torch.arange(xt.shape[0], device=x.device), w.size)[w.rank]
                     terms["trigger_loss"] = F.cross_entropy(self._forward(xt[kr]), yt[kr], reduction="sum") / xt.shape[0]
                     total = total + weights["trigger_loss"] * terms["trigger_loss"]
