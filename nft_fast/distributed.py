@@ -119,24 +119,31 @@ def active_world() -> Optional[World]:
 
 
 class _SyncBN(torch.autograd.Function):
+    # Big tensors stay in their (fp32) dtype, every sum over them accumulates in float64 (as the
+    # fused kernels do): per-rank mean and variance in two passes (torch.var_mean is many times
+    # slower on CPU), combined across ranks on C-sized float64 vectors.
     @staticmethod
     def forward(ctx, x, weight, bias, mask, residual, running_mean, running_var, momentum, eps, relu, w):
         dims = [0] + list(range(2, x.dim()))
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        xd = x.double()
-        count = x.numel() // x.shape[1]
-        stats = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_full((1,), count)])
-        all_reduce_sum(stats, w)
         C = x.shape[1]
+        count = x.numel() // C
+        xc = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        m = xc.sum(dims, dtype=torch.float64) / count
+        var_l = (xc - m.to(xc.dtype).view(shape)).square_().sum(dims, dtype=torch.float64) / count
+        stats = torch.cat([m * count, (var_l.double() + m * m) * count, m.new_full((1,), count)])
+        all_reduce_sum(stats, w)
         n = float(stats[-1])
         mean = stats[:C] / n
         var = (stats[C:2 * C] / n - mean * mean).clamp_min(0)
         rstd = (var + eps).rsqrt()
-        xhat = ((xd - mean.view(shape)) * rstd.view(shape)).to(x.dtype)
-        g = mask if weight is None else weight * mask
-        y = xhat * g.view(shape).to(x.dtype)
+        g = (mask if weight is None else weight * mask).double()
+        scale = (g * rstd).to(xc.dtype)
+        centred = xc - mean.to(xc.dtype).view(shape)
+        y = centred * scale.view(shape)
         if bias is not None:
-            y = y + bias.view(shape).to(x.dtype)
+            y = y + bias.to(xc.dtype).view(shape)
+        y = y.to(x.dtype)
         if residual is not None:
             y = y + residual
         if relu:
@@ -145,29 +152,29 @@ class _SyncBN(torch.autograd.Function):
             with torch.no_grad():  # .data: earlier graphs that saved the buffers stay valid
                 running_mean.data.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.data.lerp_((var * n / max(n - 1.0, 1.0)).to(running_var.dtype), momentum)
-        ctx.save_for_backward(xhat, rstd, weight, mask, y if relu else None)
+        ctx.save_for_backward(centred, rstd.to(xc.dtype), scale, weight, mask, y if relu else None)
         ctx.meta = (dims, shape, n, relu, residual is not None, w)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xhat, rstd, weight, mask, y = ctx.saved_tensors
+        centred, rstd, scale, weight, mask, y = ctx.saved_tensors
         dims, shape, n, relu, has_res, w = ctx.meta
         if relu:
             dy = dy * (y > 0)
-        dyd = dy.double()
-        sum_dy = dyd.sum(dims)
-        sum_dyx = (dyd * xhat.double()).sum(dims)
+        dyc = dy if dy.dtype == centred.dtype else dy.to(centred.dtype)
+        sum_dy = dyc.sum(dims, dtype=torch.float64)
+        sum_dyx = (centred * dyc).sum(dims, dtype=torch.float64) * rstd.double()  # sum of dy * x_hat
         dmask = (sum_dyx if weight is None else weight.double() * sum_dyx).to(mask.dtype)
         dweight = None if weight is None else (mask.double() * sum_dyx).to(weight.dtype)
         dbias = sum_dy.to(dy.dtype)
         dx = None
         if ctx.needs_input_grad[0]:
-            g = (mask if weight is None else weight * mask).double()
             both = all_reduce_sum(torch.cat([sum_dy, sum_dyx]), w)  # the global batch's sums
-            C = g.numel()
-            dx = (g * rstd).view(shape) * (dyd - (both[:C].view(shape) + xhat.double() * both[C:].view(shape)) / n)
-            dx = dx.to(dy.dtype)
+            C = scale.numel()
+            k_dy = (scale.double() * both[:C] / n).to(centred.dtype)
+            k_x = (scale.double() * rstd.double() * both[C:] / n).to(centred.dtype)
+            dx = (dyc * scale.view(shape) - centred * k_x.view(shape) - k_dy.view(shape)).to(dy.dtype)
         return (dx, dweight, dbias, dmask, dy if has_res else None, None, None, None, None, None, None)
 
 
