@@ -78,7 +78,8 @@ def all_reduce_sum(t: Tensor, w: World) -> Tensor:
 _state = threading.local()
 
 
-def _active() -> Optional[World]:
+def active_world() -> Optional[World]:
+    """The world of the enclosing :func:`synced` block, or None."""
     return getattr(_state, "world", None)
 
 
@@ -91,7 +92,7 @@ def synced(model: nn.Module, w: World) -> Iterator[None]:
              and not hasattr(m, "neuron_mask") and "forward" not in m.__dict__]
     for m in plain:
         m.forward = _plain_forward.__get__(m)
-    prev, _state.world = _active(), w
+    prev, _state.world = active_world(), w
     try:
         yield
     finally:
@@ -103,19 +104,12 @@ def synced(model: nn.Module, w: World) -> Iterator[None]:
 def _plain_forward(self: nn.Module, x: Tensor) -> Tensor:
     from ._bn import bn_forward_args
 
-    w = _active()
+    w = active_world()
     if w is None or not self.training:  # the module's own forward
         return type(self).forward(self, x)
-    rm, rv, training, eaf = bn_forward_args(self)
-    if not training:
-        return type(self).forward(self, x)
+    rm, rv, _, eaf = bn_forward_args(self)  # in training: batch statistics, whatever the buffers
     ones = torch.ones(x.shape[1], device=x.device, dtype=x.dtype)
     return sync_batch_norm(x, rm, rv, self.weight, self.bias, ones, eaf, self.eps, None, False, w)
-
-
-def active_world() -> Optional[World]:
-    """The world of the enclosing :func:`synced` block, or None."""
-    return _active()
 
 
 class _SyncBN(torch.autograd.Function):

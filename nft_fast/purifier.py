@@ -221,6 +221,10 @@ class Purifier:
             trig.ascend(self._forward, x[keep])
         return trig.apply(x[keep]), y[keep]
 
+    def _shard_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """This rank's contiguous share of the rows ``0 .. n - 1``."""
+        return torch.tensor_split(torch.arange(n, device=device), self.world.size)[self.world.rank]
+
     def _shard_step(self, x: torch.Tensor, y: torch.Tensor, lam, perm: torch.Tensor) -> Dict[str, float]:
         """:meth:`step` on this rank's contiguous shard of the global batch ``(x, y)`` (every rank
         holds the same batch and draws): each loss is this shard's sum over the global batch size,
@@ -232,7 +236,7 @@ class Purifier:
         if n < w.size:
             raise ValueError(f"step: a batch of {n} samples cannot be split over {w.size} ranks: use a batch size of at "
                              f"least the world size")
-        rows = torch.tensor_split(torch.arange(n, device=x.device), w.size)[w.rank]
+        rows = self._shard_rows(n, x.device)
         if self.cfg.mixup_kind == "videomix":
             x_mix, lam = ops.videomix_batch(x, perm, float(lam), self._gen, channels_last=self.channels_last)
         else:
@@ -259,7 +263,7 @@ class Purifier:
                     total = total + weights["adv_loss"] * terms["adv_loss"]
                 if stamped is not None:
                     xt, yt = stamped
-                    kr = torch.tensor_split(torch.arange(xt.shape[0], device=x.device), w.size)[w.rank]
+                    kr = self._shard_rows(xt.shape[0], x.device)
                     terms["trigger_loss"] = F.cross_entropy(self._forward(xt[kr]), yt[kr], reduction="sum") / xt.shape[0]
                     total = total + weights["trigger_loss"] * terms["trigger_loss"]
             total.backward()
