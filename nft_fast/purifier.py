@@ -217,6 +217,8 @@ class Purifier:
         keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
         if not bool(keep.any()):
             return None
+        if 0 < self.cfg.trigger_rows < int(keep.sum()):  # the first rows: batches come shuffled
+            keep = keep & (keep.cumsum(0) <= self.cfg.trigger_rows)
         if self.cfg.trigger_online and isinstance(trig, Perturbation):
             trig.ascend(self._forward, x[keep])
         return trig.apply(x[keep]), y[keep]
@@ -493,7 +495,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128,
 
 def scan_kwargs(cfg: NFTConfig) -> Dict[str, Any]:
     """The keywords :func:`nft_fast.trigger.scan` / ``synthesize`` get from ``cfg``."""
-    return {"steps": cfg.trigger_steps, "l1": cfg.trigger_l1, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    return {"steps": cfg.trigger_steps, "l1": cfg.trigger_l1, "batch_size": cfg.trigger_batch, "seed": cfg.seed}
 
 
 def purify(
@@ -651,7 +653,9 @@ def find_triggers(model: nn.Module, xs: torch.Tensor, ys: torch.Tensor, cfg: NFT
     scan or the class-agnostic search; a :class:`nft_fast.trigger.ScanResult` either way."""
     n = int(ys.unique().numel())
     if cfg.search_mode(n) == "agnostic":
-        return search(model, xs, ys, restarts=min(cfg.trigger_restarts, n), **scan_kwargs(cfg))
+        # each step scores every class on one batch: the search keeps the mask-step batch size
+        return search(model, xs, ys, restarts=min(cfg.trigger_restarts, n),
+                      **dict(scan_kwargs(cfg), batch_size=cfg.batch_size))
     return scan(model, xs, ys, **scan_kwargs(cfg))
 
 

@@ -31,7 +31,8 @@ def test_presets():
     d = nft_fast.NFTConfig()  # the reference stays exactly the paper's settings
     assert (d.adv_eps, d.trigger_weight, d.bn_recalibrate) == (0.0, 0.0, False)
     for bad in (dict(adv_eps=-0.1), dict(adv_steps=0), dict(trigger_top=0), dict(trigger_weight=float("nan")),
-                dict(trigger_steps=1.5), dict(trigger_search="all"), dict(trigger_restarts=2),
+                dict(trigger_steps=1.5), dict(trigger_batch=0), dict(trigger_rows=-1),
+                dict(trigger_search="all"), dict(trigger_restarts=2),
                 dict(trigger_universal=-0.1), dict(trigger_universal_blocks=-1), dict(trigger_universal_blocks=2.0),
                 dict(trigger_online="yes")):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -72,6 +73,21 @@ def test_scan_finds_the_backdoor_target(toy_backdoor):
         scan(model, xc[yc < 2], yc[yc < 2])
     with pytest.raises(ValueError, match="no samples outside class 0"):
         synthesize(model, xc[yc == 0], yc[yc == 0], 0)
+
+
+@pytest.mark.parametrize("max_rows", [64, 200, 512])
+def test_scan_together_equals_one_class_at_a_time(toy_backdoor, max_rows):
+    """Several classes per forward (1, 3 and 4 per group here) follow the steps each class takes alone."""
+    from nft_fast.trigger import _scan_together
+    model, (xc, yc), _, _ = toy_backdoor
+    alone = [synthesize(model, xc, yc, k, steps=12, batch_size=64, seed=5) for k in range(4)]
+    together = _scan_together(model, xc, yc, [0, 1, 2, 3], steps=12, batch_size=64, seed=5, max_rows=max_rows)
+    assert [t.target for t in together] == [0, 1, 2, 3]
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b.mask, a.mask, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.pattern, a.pattern, rtol=1e-4, atol=1e-5)
+        assert abs(a.norm - b.norm) <= 1e-4 * a.norm + 1e-5 and a.success == b.success
+    assert not torch.equal(together[0].mask, together[1].mask)  # each class its own trigger
 
 
 def test_search_finds_the_target_at_a_cost_flat_in_classes(toy_backdoor):
@@ -266,6 +282,31 @@ def test_extra_terms_leave_bn_statistics_to_the_clean_batch(toy_backdoor, kind):
     assert i1[key] > 0 and i1["total"] > i0["total"]
     assert i1["loss"] == pytest.approx(i0["loss"], rel=1e-5)
     assert not torch.allclose(p0.flat_masks(), p1.flat_masks())  # the extra term moved the masks
+
+
+@pytest.mark.parametrize("rows", [0, 5, 1000])
+def test_trigger_rows_bounds_the_unlearning_batch(toy_backdoor, rows):
+    """trigger_rows > 0 unlearns the first ``rows`` samples outside the target class (all of them
+    when fewer), for the stamped loss and the online universal step alike."""
+    model, (xc, yc), _, _ = toy_backdoor
+    m = copy.deepcopy(model)
+    nft_fast.attach_masks(m)
+    p = Purifier(m, nft_fast.NFTConfig(trigger_weight=1.0, trigger_online=True, trigger_rows=rows))
+    u = universal(model, xc, yc, 0, rms=0.1, steps=2)
+    seen = []
+    u.ascend = lambda forward, xb, **kw: seen.append(xb.shape[0])  # type: ignore[method-assign]
+    t = synthesize(model, xc, yc, 0, steps=3)
+    x, y = xc[:32], yc[:32]
+    outside = x[y != 0]
+    n = outside.shape[0] if rows in (0, 1000) else rows
+    for trig in (t, u):
+        p.triggers = [trig]
+        xt, yt = p._trigger_inputs(x, y)
+        torch.testing.assert_close(xt, trig.apply(outside[:n]))
+        assert torch.equal(yt, y[y != 0][:n])
+    assert seen == [n]
+    with pytest.raises(ValueError, match="trigger_rows"):
+        nft_fast.NFTConfig(trigger_rows=2.5)
 
 
 def test_adversarial_stays_in_the_ball(toy_backdoor):
