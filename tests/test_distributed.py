@@ -54,9 +54,13 @@ def test_ten_steps_equal_one_process(tmp_path, case):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
+# trigger_batch 24: the patch trigger a 32-row scan finds for this toy model puts step 1 on a
+# tie, where one process alone moves its mask gradient by 7e-4 when the inputs move by 1e-7
+# (relative): no per-step bound can hold there, distributed or not.
 @pytest.mark.parametrize("over", [{"adv_eps": 0.03, "adv_steps": 2, "reg_coef": 0.05},
                                   {"trigger_weight": 1.0, "trigger_universal": 0.15, "trigger_online": True,
-                                   "trigger_steps": 5, "trigger_universal_blocks": 2}], ids=["adversarial", "triggers"])
+                                   "trigger_steps": 5, "trigger_universal_blocks": 2, "trigger_batch": 24}],
+                         ids=["adversarial", "triggers"])
 def test_each_step_equals_one_process(tmp_path, over):
     """With the plain (unmasked) stem BatchNorm and the extra losses: each step from the same state
     agrees with one process (whole runs may drift apart: a 1-ulp difference can flip a ReLU, PGD
