@@ -7,7 +7,8 @@ as Fashion-MNIST; all image nets run on 28x28 and 32x32 inputs (global average p
 before the head), ``r3d18`` on ``(B, C, T, H, W)`` clips.
 
 Key names follow the code each network usually comes from, so its checkpoints load:
-the NFT/ANP/BackdoorBench CIFAR code for ``resnet18``/``resnet50``/``preactresnet18``,
+the NFT/ANP CIFAR code for ``resnet18``/``resnet50``; ``preactresnet18`` keeps a final BN and
+ReLU, so BackdoorBench's and WaNet's checkpoints load into ``preactresnet18_backdoorbench``;
 torchvision for ``*_imagenet``/``vgg16_bn``/``mobilenetv2``/``r3d18`` and timm for ``vit``.
 Deviations for small inputs are noted on each class.
 """
