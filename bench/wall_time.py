@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,16 +56,17 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     me = str(Path(__file__).resolve())
     presets = args.presets.split(",")
-    outs = {p: f"/tmp/wall_time_{p}.json" for p in presets}
-    procs = []
-    for p in presets:
-        procs.append(subprocess.Popen([sys.executable, me, "--worker", p, outs[p]], env=env))
-        if args.sequential:
-            procs[-1].wait()
-    for pr in procs:
-        if pr.wait() != 0:
-            raise SystemExit("wall_time: a worker failed")
-    rows = [json.loads(Path(outs[p]).read_text()) for p in presets]
+    with tempfile.TemporaryDirectory(prefix="nft_wall_time_") as tmp:  # private to this run
+        outs = {p: str(Path(tmp) / f"{p}.json") for p in presets}
+        procs = []
+        for p in presets:
+            procs.append(subprocess.Popen([sys.executable, me, "--worker", p, outs[p]], env=env))
+            if args.sequential:
+                procs[-1].wait()
+        for pr in procs:
+            if pr.wait() != 0:
+                raise SystemExit("wall_time: a worker failed")
+        rows = [json.loads(Path(outs[p]).read_text()) for p in presets]
     meta = {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "threads_per_process": 1, "parallel": not args.sequential,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
