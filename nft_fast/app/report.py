@@ -107,9 +107,13 @@ def plot_rounds(history: List[dict], before: Dict[str, float], path: Path) -> No
 
 _MODES = {
     "confident": "the backdoored model's smallest trigger stood out beyond doubt (anomaly index at least "
-                 "`trigger_confident`), so that patch trigger alone was unlearned, at `trigger_confident_weight`",
+                 "`trigger_confident`), so that patch trigger was unlearned at `trigger_confident_weight`",
+    "confident+universal": "the backdoored model's smallest trigger stood out beyond doubt (anomaly index at least "
+                           "`trigger_confident`), so that patch trigger was unlearned at `trigger_confident_weight`, "
+                           "in turn with universal perturbations of the suspect class (`trigger_universal`) at "
+                           "`trigger_weight`",
     "patch+universal": "the backdoored model's smallest trigger did not stand out beyond doubt, so it was unlearned "
-                       "in turn with a universal perturbation of the suspect class (`trigger_universal`), at "
+                       "in turn with universal perturbations of the suspect class (`trigger_universal`), at "
                        "`trigger_weight`",
     "patch": "the suspect class's patch trigger was unlearned at `trigger_weight`",
 }
