@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     from nft_fast.app.demo import DEMO_SPEC
     from nft_fast.harness.runs import cached_run
+    from nft_fast.machine import cpu_name
 
     cached_run(DEMO_SPEC, progress=False)  # trained and cached first, outside the timing
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -67,13 +67,14 @@ def main() -> None:
             if pr.wait() != 0:
                 raise SystemExit("wall_time: a worker failed")
         rows = [json.loads(Path(outs[p]).read_text()) for p in presets]
-    meta = {"cpu": platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+    meta = {"cpu": cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "threads_per_process": 1, "parallel": not args.sequential,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     base = rows[0]["seconds"]
     lines = ["# Wall time of a whole purification (demo model)", "",
-             f"{meta['date']}, {meta['cores']} cores, CPU capability {meta['capability']}, torch {meta['torch']}; "
+             f"{meta['date']}, {meta['cpu']}, {meta['cores']} cores, CPU capability {meta['capability']}, "
+             f"torch {meta['torch']}; "
              f"one thread per preset, {'both at once (one core each)' if meta['parallel'] else 'one after the other'}. "
              "Demo model: PreActResNet-18 width 8, Fashion-MNIST BadNets seed 0, 600 clean images; ACC/ASR on the "
              "full test set.", "",
