@@ -180,6 +180,7 @@ class Purifier:
             loss = self._mixup_loss(x, y, perm, lam)
         self._grad.zero_()
         extra: Dict[str, torch.Tensor] = {}
+        weights = {"adv_loss": self.cfg.adv_weight}
         use_adv = self.cfg.adv_eps > 0 and self.cfg.adv_weight > 0
         use_trig = bool(self.triggers) and self.trigger_weight > 0
         if (use_adv or use_trig) and self.channels_last:
@@ -189,12 +190,12 @@ class Purifier:
                 total = loss
                 if use_adv:
                     extra["adv_loss"] = F.cross_entropy(self._forward(self.adversarial(x, y)), y)
-                    total = total + self.cfg.adv_weight * extra["adv_loss"]
+                    total = total + weights["adv_loss"] * extra["adv_loss"]
                 stamped = self._trigger_inputs(x, y) if use_trig else None
                 if stamped is not None:
-                    extra["trigger_loss"] = F.cross_entropy(self._forward(stamped[0]), stamped[1])
-                    trig_w = stamped[2]
-                    total = total + trig_w * extra["trigger_loss"]
+                    xt, yt, weights["trigger_loss"] = stamped
+                    extra["trigger_loss"] = F.cross_entropy(self._forward(xt), yt)
+                    total = total + weights["trigger_loss"] * extra["trigger_loss"]
                 total.backward()
         else:
             loss.backward()
@@ -206,9 +207,8 @@ class Purifier:
         info = {"loss": loss_v, "reg": reg, "total": loss_v + reg_scale * reg, "lam": float(lam)}
         for k, v in extra.items():
             info[k] = float(v.detach())
-            info["total"] += (self.cfg.adv_weight if k == "adv_loss" else trig_w) * info[k]
+            info["total"] += weights[k] * info[k]
         return info
-
 
     def trigger_weight_of(self, trig: Union[Trigger, Perturbation]) -> float:
         """The unlearning weight of ``trig``: :attr:`trigger_weight` for patch triggers (the scan

@@ -3,20 +3,23 @@ each attack's triggered test set (the triggers of the backdoored run with the sa
 
 Usage: ``python floor.py SEED`` (trains the clean model into the cache on first use).
 """
+import dataclasses
 import json
 import sys
 
 import torch
 
 from nft_fast import evaluate
+from nft_fast.app.demo import DEMO_SPEC
 from nft_fast.harness.runs import BackdoorSpec, cached_run, poison_loader
 
 ATTACKS = ("badnets", "blend", "trojan", "sig", "wanet", "inputaware")
 
 
-def spec(attack: str, seed: int, rate: float = 0.1) -> BackdoorSpec:
-    return BackdoorSpec(attack=attack, attack_params={"target": 0}, arch="preactresnet18", width=8,
-                        dataset="fashion-mnist", epochs=4, seed=seed, rate=rate)
+def spec(attack: str, seed: int, rate: float = DEMO_SPEC.rate) -> BackdoorSpec:
+    """The grid's model of ``attack`` and ``seed``: the demo's recipe (PreActResNet-18 width 8,
+    Fashion-MNIST, 4 epochs, target 0)."""
+    return dataclasses.replace(DEMO_SPEC, attack=attack, seed=seed, rate=rate)
 
 
 if __name__ == "__main__":

@@ -105,16 +105,14 @@ def plot_rounds(history: List[dict], before: Dict[str, float], path: Path) -> No
     plt.close(fig)
 
 
+_CONFIDENT = ("the backdoored model's smallest trigger stood out beyond doubt (anomaly index at least "
+              "`trigger_confident`), so that patch trigger was unlearned at `trigger_confident_weight`")
+_UNIVERSAL_TURNS = "in turn with universal perturbations of the suspect class (`trigger_universal`)"
 _MODES = {
-    "confident": "the backdoored model's smallest trigger stood out beyond doubt (anomaly index at least "
-                 "`trigger_confident`), so that patch trigger was unlearned at `trigger_confident_weight`",
-    "confident+universal": "the backdoored model's smallest trigger stood out beyond doubt (anomaly index at least "
-                           "`trigger_confident`), so that patch trigger was unlearned at `trigger_confident_weight`, "
-                           "in turn with universal perturbations of the suspect class (`trigger_universal`) at "
-                           "`trigger_weight`",
+    "confident": _CONFIDENT,
+    "confident+universal": f"{_CONFIDENT}, {_UNIVERSAL_TURNS} at `trigger_weight`",
     "patch+universal": "the backdoored model's smallest trigger did not stand out beyond doubt, so it was unlearned "
-                       "in turn with universal perturbations of the suspect class (`trigger_universal`), at "
-                       "`trigger_weight`",
+                       f"{_UNIVERSAL_TURNS}, at `trigger_weight`",
     "patch": "the suspect class's patch trigger was unlearned at `trigger_weight`",
 }
 
