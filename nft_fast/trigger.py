@@ -396,8 +396,17 @@ def search(
     return ScanResult(found, _anomaly([t.norm for t in found]))
 
 
-def backdoor_likely(before: Dict[str, float], after: Dict[str, float], threshold: float = 2.0) -> bool:
+def backdoor_likely(before: Dict[str, float], after: Dict[str, float], threshold: float = 2.0,
+                    norm_ratio: float = 0.5) -> bool:
     """The poison-free verdict on a purified model: its scan still finds an anomalously small
-    trigger (index above ``threshold``) for the class the backdoored model's scan suspected.
-    ``before``/``after`` are :meth:`ScanResult.summary` dicts (docs/purification.md measures it)."""
-    return after["trigger_anomaly"] > threshold and after["trigger_suspect"] == before["trigger_suspect"]
+    trigger (index above ``threshold``) for the class the backdoored model's scan suspected,
+    and that trigger is still small in absolute terms: its L1 norm under ``norm_ratio`` times
+    the backdoored model's median class norm. The second test keeps a class that became the
+    easiest of a purified model (every norm grows) from reading as a backdoor; a summary
+    without norms is judged on the first test alone. ``before``/``after`` are
+    :meth:`ScanResult.summary` dicts (docs/purification.md measures the rule)."""
+    if not (after["trigger_anomaly"] > threshold and after["trigger_suspect"] == before["trigger_suspect"]):
+        return False
+    if "trigger_norm" in after and "trigger_median_norm" in before:
+        return after["trigger_norm"] < norm_ratio * before["trigger_median_norm"]
+    return True

@@ -415,6 +415,13 @@ def test_backdoor_likely_rule():
     assert backdoor_likely(before, {"trigger_anomaly": 4.6, "trigger_suspect": 0})
     assert not backdoor_likely(before, {"trigger_anomaly": 1.0, "trigger_suspect": 0})
     assert not backdoor_likely(before, {"trigger_anomaly": 2.8, "trigger_suspect": 8})  # another class
+    # with norms: still anomalous, but the suspect's trigger grew past half the old median
+    before = {"trigger_anomaly": 3.15, "trigger_suspect": 0, "trigger_norm": 3.5, "trigger_median_norm": 35.5}
+    assert backdoor_likely(before, {"trigger_anomaly": 3.5, "trigger_suspect": 0, "trigger_norm": 10.1})
+    assert not backdoor_likely(before, {"trigger_anomaly": 2.75, "trigger_suspect": 0, "trigger_norm": 54.9})
+    assert not backdoor_likely(before, {"trigger_anomaly": 2.75, "trigger_suspect": 0, "trigger_norm": 17.75})  # at 0.5
+    assert backdoor_likely(before, {"trigger_anomaly": 2.75, "trigger_suspect": 0, "trigger_norm": 54.9}, norm_ratio=2.0)
+    assert not backdoor_likely(before, {"trigger_anomaly": 1.9, "trigger_suspect": 0, "trigger_norm": 1.0})
 
 
 def test_clip_triggers_are_shared_by_every_frame():

@@ -44,9 +44,11 @@ def run_demo(out: Path, progress: bool = True, data_dir=None, spec: BackdoorSpec
     print(metrics_table({"backdoored (seconds: training)": before, "NFT purified (seconds: purification)": report["after"]}))
     sig = report.get("signal")
     if sig:
-        print(f"poison-free signal (trigger-scan anomaly index, > 2 = backdoor likely): backdoored "
-              f"{sig['before']['trigger_anomaly']:.2f} (class {sig['before']['trigger_suspect']}), purified "
-              f"{sig['after']['trigger_anomaly']:.2f} (class {sig['after']['trigger_suspect']}): "
+        b, a = sig["before"], sig["after"]
+        print(f"poison-free signal (trigger-scan anomaly index; a backdoor is likely when the same class stays above 2 "
+              f"with a trigger under half the backdoored model's median L1): backdoored {b['trigger_anomaly']:.2f} "
+              f"(class {b['trigger_suspect']}, L1 {b['trigger_norm']:.1f}, median {b['trigger_median_norm']:.1f}), "
+              f"purified {a['trigger_anomaly']:.2f} (class {a['trigger_suspect']}, L1 {a['trigger_norm']:.1f}): "
               f"{'backdoor likely still there' if sig['backdoor_likely'] else 'no large backdoor left'}")
         if sig["before"].get("trigger_mode"):
             print(f"decision from the signal: {sig['before']['trigger_mode']} (see report.md)")
