@@ -50,8 +50,8 @@ def run_demo(out: Path, progress: bool = True, data_dir=None, spec: BackdoorSpec
               f"(class {b['trigger_suspect']}, L1 {b['trigger_norm']:.1f}, median {b['trigger_median_norm']:.1f}), "
               f"purified {a['trigger_anomaly']:.2f} (class {a['trigger_suspect']}, L1 {a['trigger_norm']:.1f}): "
               f"{'backdoor likely still there' if sig['backdoor_likely'] else 'no large backdoor left'}")
-        if sig["before"].get("trigger_mode"):
-            print(f"decision from the signal: {sig['before']['trigger_mode']} (see report.md)")
+        if b.get("trigger_mode"):
+            print(f"decision from the signal: {b['trigger_mode']} (see report.md)")
     print(f"report: {Path(out) / 'report.md'} (+ report.json, masks_heatmap.png, masks_hist.png, rounds.png); "
           f"total {time.perf_counter() - t0:.0f} s")
     return report
