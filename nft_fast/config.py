@@ -124,6 +124,9 @@ class NFTConfig:
     # of another clip pasted in, its volume share (1 - lam) with lam ~ Beta(mixup_alpha,
     # mixup_alpha); CutMix's rectangle for images); the labels are weighted by the actual shares.
     mixup_kind: str = "mixup"
+    # "auto" above: VideoMix for clip inputs (N, C, T, H, W), MixUp for images.
+    # reg_coef_clips: the reg_coef used instead when the inputs are clips (None: reg_coef).
+    reg_coef_clips: Optional[float] = None
 
     def __post_init__(self) -> None:
         own = "NFTConfig"
@@ -149,7 +152,9 @@ class NFTConfig:
         # masks are clamped to [floor, 1]
         _checks.number("floor_alpha", self.floor_alpha, hi=1.0, owner=own)
         _checks.one_of("precision", self.precision, _PRECISIONS, owner=own)
-        _checks.one_of("mixup_kind", self.mixup_kind, ("mixup", "videomix"), owner=own)
+        _checks.one_of("mixup_kind", self.mixup_kind, ("mixup", "videomix", "auto"), owner=own)
+        if self.reg_coef_clips is not None:
+            _checks.number("reg_coef_clips", self.reg_coef_clips, owner=own)
         if self.cuda_graph and self.mixup_kind != "mixup":
             raise ValueError("NFTConfig: cuda_graph captures the MixUp step only (mixup_kind='mixup')")
         _checks.one_of("trigger_kind", self.trigger_kind, _TRIGGER_KINDS, owner=own)
@@ -189,6 +194,20 @@ class NFTConfig:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    def for_inputs(self, clips: bool) -> "NFTConfig":
+        """This configuration with its input-dependent choices made for images (``clips=False``)
+        or clips (5-D inputs): ``mixup_kind="auto"`` becomes ``"videomix"`` for clips and
+        ``"mixup"`` for images, and ``reg_coef_clips`` (when set) replaces ``reg_coef`` for clips.
+        A configuration without such choices comes back unchanged."""
+        kw: dict = {}
+        if self.mixup_kind == "auto":
+            kw["mixup_kind"] = "videomix" if clips else "mixup"
+        if self.reg_coef_clips is not None:
+            kw["reg_coef_clips"] = None
+            if clips:
+                kw["reg_coef"] = self.reg_coef_clips
+        return dataclasses.replace(self, **kw) if kw else self
+
     def replace(self, **kw) -> "NFTConfig":
         return dataclasses.replace(self, **kw)
 
@@ -201,6 +220,9 @@ PRESETS = {
     "reference": {},
     "strong": {"trigger_weight": 1.0, "trigger_top": 1, "trigger_refresh": True, "bn_recalibrate": False,
                "steps": 400, "rounds": 4, "reg_coef": 0.05, "trigger_universal": 0.15, "trigger_online": True,
-               "trigger_universal_blocks": 4, "trigger_confident": 3.0, "trigger_search": "auto"},
+               "trigger_universal_blocks": 4, "trigger_confident": 3.0, "trigger_search": "auto",
+               # clips: VideoMix, and a sixth of the pull (at 10 clips per class, the pull per
+               # sample of 1% image data; docs/purification.md)
+               "mixup_kind": "auto", "reg_coef_clips": 0.05 / 6},
 }
 PRESETS["auto"] = dict(PRESETS["strong"], trigger_min_anomaly=2.0)

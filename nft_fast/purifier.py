@@ -166,6 +166,8 @@ class Purifier:
             dl, dp = self.draw(x.shape[0])
             lam = dl if lam is None else lam
             perm = dp if perm is None else perm
+        if self.cfg.mixup_kind == "auto" or self.cfg.reg_coef_clips is not None:  # purify() resolves it first
+            self.cfg = self.cfg.for_inputs(x.dim() == 5)
         if self.cfg.cuda_graph:
             return self._graph_step(x, y, lam, perm)
         x = x.to(self.device, non_blocking=True)
@@ -565,6 +567,7 @@ def purify(
     if samples_per_class is not None:
         _checks.number("samples_per_class", samples_per_class, lo_open=True, owner="purify")
     x0, model_classes = check_clean_data(model, clean_data, "purify")
+    cfg = cfg.for_inputs(x0.dim() == 5)  # mixup_kind="auto", reg_coef_clips
     if not isinstance(clean_data, DataLoader):  # a DataLoader's batches are the caller's
         check_batch_size(cfg.batch_size, num_samples(clean_data), "purify")
         check_norm_batch(model, x0, cfg.batch_size, "purify")

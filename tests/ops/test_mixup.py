@@ -6,8 +6,11 @@ The C++ and CUDA kernels' mixed batch is bit-equal to the oracle (same two round
 one round to bf16); their CE loss and gradient match it within a few fp32 ulps (their own exp and
 sums).
 """
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import nft_fast
@@ -823,3 +826,66 @@ def test_videomix_in_the_purifier_trains_the_masks_of_a_clip_net():
     assert (p.flat_masks() - before).abs().max() > 0
     with pytest.raises(ValueError, match="mixup_kind"):
         nft_fast.NFTConfig(mixup_kind="cutout")
+
+
+def test_auto_mixup_kind_is_videomix_for_clips_and_mixup_for_images():
+    """mixup_kind="auto" takes exactly the step of "videomix" on clips and of "mixup" on images."""
+    import nft_fast
+    from tests.helpers.nets import Video3D
+
+    def masks_after(model, cfg, x, y):
+        torch.manual_seed(0)
+        m = copy.deepcopy(model)
+        p = nft_fast.Purifier(m, cfg)
+        for _ in range(2):
+            p.step(x, y)
+        return p.flat_masks().clone(), p.cfg
+
+    y = torch.tensor([0, 1, 2, 1])
+    cases = [(Video3D(), torch.randn(4, 3, 4, 8, 8), "videomix"),
+             (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, 3)), torch.randn(4, 3, 8, 8), "mixup")]
+    for model, x, kind in cases:
+        torch.manual_seed(1)
+        nft_fast.attach_masks(model)
+        base = nft_fast.NFTConfig(steps=2, rounds=1, batch_size=4)
+        auto, cfg_a = masks_after(model, base.replace(mixup_kind="auto"), x, y)
+        same, _ = masks_after(model, base.replace(mixup_kind=kind), x, y)
+        other, _ = masks_after(model, base.replace(mixup_kind="mixup" if kind == "videomix" else "videomix"), x, y)
+        assert cfg_a.mixup_kind == kind
+        assert torch.equal(auto, same)
+        assert not torch.equal(auto, other)  # the two kinds do differ on this batch
+
+
+def test_reg_coef_clips_replaces_reg_coef_for_clips_only():
+    import nft_fast
+
+    cfg = nft_fast.NFTConfig(reg_coef=0.05, reg_coef_clips=0.01, mixup_kind="auto")
+    clips, images = cfg.for_inputs(True), cfg.for_inputs(False)
+    assert (clips.reg_coef, clips.mixup_kind, clips.reg_coef_clips) == (0.01, "videomix", None)
+    assert (images.reg_coef, images.mixup_kind, images.reg_coef_clips) == (0.05, "mixup", None)
+    assert nft_fast.NFTConfig().for_inputs(True) == nft_fast.NFTConfig()  # the reference has no such choice
+    strong = nft_fast.NFTConfig.preset("strong")
+    assert strong.for_inputs(False).to_dict() == {**strong.to_dict(), "mixup_kind": "mixup", "reg_coef_clips": None}
+    with pytest.raises(ValueError, match="reg_coef_clips"):
+        nft_fast.NFTConfig(reg_coef_clips=float("nan"))
+    with pytest.raises(ValueError, match="reg_coef_clips"):
+        nft_fast.NFTConfig(reg_coef_clips=-1.0)
+
+
+def test_purify_resolves_the_clip_choices_before_the_first_step():
+    import nft_fast
+    from torch.utils.data import TensorDataset
+    from tests.helpers.nets import Video3D
+
+    torch.manual_seed(0)
+    model = Video3D()
+    data = TensorDataset(torch.randn(8, 3, 4, 8, 8), torch.tensor([0, 1, 2, 1, 0, 1, 2, 0]))
+    cfg = nft_fast.NFTConfig(steps=2, rounds=1, batch_size=4, reg_coef=0.5, reg_coef_clips=0.002, mixup_kind="auto")
+    res = nft_fast.purify(model, data, cfg, progress=False)
+    ref = nft_fast.purify(model, data, cfg.replace(reg_coef=0.002, reg_coef_clips=None, mixup_kind="videomix"),
+                          progress=False)
+    flat = lambda m: torch.cat([p.detach().flatten() for p in nft_fast.masks.mask_parameters(m)])  # noqa: E731
+    assert torch.equal(flat(res.model), flat(ref.model))
+    unresolved = nft_fast.purify(model, data, cfg.replace(reg_coef_clips=None, mixup_kind="videomix"), progress=False)
+    assert not torch.equal(flat(res.model), flat(unresolved.model))  # the clip pull did change the masks
