@@ -50,13 +50,18 @@ def is_writer(group=None) -> bool:
     return w is None or w.rank == 0
 
 
+def _launched() -> bool:
+    """True when a launcher such as ``torchrun`` started several processes (``WORLD_SIZE`` > 1)."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return size.isdigit() and int(size) > 1
+
+
 @contextlib.contextmanager
 def from_env(backend: str = "gloo") -> Iterator[Optional[World]]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), the default process group for
     the block (initialised here unless it already is, and destroyed on exit if initialised
     here); yields its :class:`World`, or None for a single process."""
-    size = os.environ.get("WORLD_SIZE", "1")
-    if not size.isdigit() or int(size) < 2 or not dist.is_available():
+    if not _launched() or not dist.is_available():
         yield world()
         return
     own = not dist.is_initialized()

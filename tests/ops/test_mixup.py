@@ -830,7 +830,6 @@ def test_videomix_in_the_purifier_trains_the_masks_of_a_clip_net():
 
 def test_auto_mixup_kind_is_videomix_for_clips_and_mixup_for_images():
     """mixup_kind="auto" takes exactly the step of "videomix" on clips and of "mixup" on images."""
-    import nft_fast
     from tests.helpers.nets import Video3D
 
     def masks_after(model, cfg, x, y):
@@ -858,7 +857,6 @@ def test_auto_mixup_kind_is_videomix_for_clips_and_mixup_for_images():
 
 
 def test_reg_coef_clips_replaces_reg_coef_for_clips_only():
-    import nft_fast
 
     cfg = nft_fast.NFTConfig(reg_coef=0.05, reg_coef_clips=0.01, mixup_kind="auto")
     clips, images = cfg.for_inputs(True), cfg.for_inputs(False)
@@ -874,7 +872,6 @@ def test_reg_coef_clips_replaces_reg_coef_for_clips_only():
 
 
 def test_purify_resolves_the_clip_choices_before_the_first_step():
-    import nft_fast
     from torch.utils.data import TensorDataset
     from tests.helpers.nets import Video3D
 
